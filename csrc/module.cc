@@ -1,0 +1,88 @@
+// The nanobind extension jax_mxfp4._ext: custom-call handler capsules, the
+// shape functions mirrored from layout.py (so tests can check the C++ and
+// Python copies agree), and CUDA build/device queries.
+//
+// Target names live here and nowhere else in C++; jax_mxfp4/_native.py reads
+// them from registrations() and the primitives look them up there, so a
+// misspelt target is an error at import, not a missing custom call at run time.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
+#include <nanobind/stl/vector.h>
+
+#include <string>
+#include <utility>
+
+#include "ffi_cpu.h"
+#include "scale_layout.h"
+
+#if JAX_MXFP4_WITH_CUDA
+#include <cuda_runtime_api.h>
+
+#include "quantize_cuda.h"
+#endif
+
+namespace nb = nanobind;
+
+namespace {
+
+template <typename T>
+nb::capsule Capsule(T* fn) {
+  static_assert(std::is_invocable_r_v<XLA_FFI_Error*, T, XLA_FFI_CallFrame*>,
+                "an XLA FFI handler must take XLA_FFI_CallFrame*");
+  return nb::capsule(reinterpret_cast<void*>(fn));
+}
+
+nb::dict Registrations() {
+  nb::dict cpu;
+  cpu["jax_mxfp4_quantize"] = Capsule(jax_mxfp4::JaxMxfp4QuantizeCpu);
+  cpu["jax_mxfp4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4GemmCpu);
+  nb::dict out;
+  out["cpu"] = cpu;
+#if JAX_MXFP4_WITH_CUDA
+  nb::dict cuda;
+  cuda["jax_mxfp4_quantize"] = Capsule(jax_mxfp4::JaxMxfp4QuantizeCuda);
+  out["CUDA"] = cuda;
+#endif
+  return out;
+}
+
+// (major, minor) of CUDA device `ordinal`, or (0, 0) when there is none or
+// the extension was built without CUDA.
+std::pair<int, int> CudaComputeCapability(int ordinal) {
+#if JAX_MXFP4_WITH_CUDA
+  int major = 0, minor = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ordinal) != cudaSuccess ||
+      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, ordinal) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
+    return {0, 0};
+  }
+  return {major, minor};
+#else
+  (void)ordinal;
+  return {0, 0};
+#endif
+}
+
+}  // namespace
+
+NB_MODULE(_ext, m) {
+  m.doc() = "jax_mxfp4 native extension: XLA FFI handlers and layout helpers";
+  m.def("registrations", &Registrations,
+        "{platform: {target_name: PyCapsule}} for jax.ffi.register_ffi_target");
+  m.def(
+      "scale_shape",
+      [](int64_t rows, int64_t k, int layout) {
+        auto s = jax_mxfp4::GetScaleShape(rows, k, static_cast<jax_mxfp4::ScaleLayout>(layout));
+        return std::make_pair(s.rows, s.cols);
+      },
+      nb::arg("rows"), nb::arg("k"), nb::arg("layout"),
+      "C++ mirror of jax_mxfp4.layout.scale_shape (layout as its int value)");
+  m.def("swizzled_offset", &jax_mxfp4::SwizzledOffset, nb::arg("row"), nb::arg("kb"),
+        nb::arg("kb_count"), "C++ mirror of jax_mxfp4.layout.swizzled_offset");
+  m.def(
+      "cuda_enabled", [] { return static_cast<bool>(JAX_MXFP4_WITH_CUDA); },
+      "whether the CUDA kernels were compiled into this build");
+  m.def("cuda_compute_capability", &CudaComputeCapability, nb::arg("ordinal"));
+}

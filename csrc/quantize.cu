@@ -1,0 +1,236 @@
+// CUDA activation quantization: x[..., K] (f32/bf16/f16) -> packed E2M1
+// [..., K/2] + E8M0 scales in the linear or swizzled_128x4 layout.
+//
+// Memory-bound: per element it reads 2 (bf16) bytes and writes 0.5 + 1/32.
+// Work split: four threads own one 32-element block, eight elements each, so a
+// thread loads 16 bytes (bf16/f16; two 16-byte loads for f32) and stores the 4
+// packed bytes of its eight codes; a warp covers eight consecutive blocks and
+// its packed stores form one contiguous 128-byte segment. The block's amax is
+// reduced across the four lanes with two xor-shuffles; lane 0 of the four
+// writes the scale byte. All element math is mxfp4.h (integer, bit-exact with
+// jax_mxfp4/formats.py for every rounding mode).
+//
+// Launch: a grid-stride loop over quarter-blocks with the grid capped at a few
+// waves of the device, so M = 1 launches one or a few CTAs (latency-bound,
+// one kernel) and M = 64k streams with every SM busy. Swizzled padding bytes
+// are zeroed by the same kernel (no separate memset launch).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "ffi_common.h"
+#include "mxfp4.h"
+#include "quantize_cuda.h"
+#include "scale_layout.h"
+
+namespace jax_mxfp4 {
+namespace {
+
+constexpr int kThreadsPerBlockGroup = 4;  // threads per 32-element MX block
+constexpr int kElemsPerThread = kBlockSize / kThreadsPerBlockGroup;  // 8
+constexpr int kCtaThreads = 256;
+
+// Loads a thread's eight elements as float32 bit patterns.
+template <typename T>
+__device__ __forceinline__ void LoadEight(const T* src, uint32_t (&bits)[kElemsPerThread]);
+
+template <>
+__device__ __forceinline__ void LoadEight<float>(const float* src, uint32_t (&bits)[kElemsPerThread]) {
+  const uint4 a = __ldg(reinterpret_cast<const uint4*>(src));
+  const uint4 b = __ldg(reinterpret_cast<const uint4*>(src) + 1);
+  bits[0] = a.x; bits[1] = a.y; bits[2] = a.z; bits[3] = a.w;
+  bits[4] = b.x; bits[5] = b.y; bits[6] = b.z; bits[7] = b.w;
+}
+
+struct Bf16Tag {};
+struct F16Tag {};
+
+template <typename Tag>
+__device__ __forceinline__ uint32_t HalfToF32Bits(uint16_t h) {
+  if constexpr (std::is_same_v<Tag, Bf16Tag>) {
+    return Bf16BitsToF32Bits(h);
+  } else {
+    return F16BitsToF32Bits(h);
+  }
+}
+
+template <typename Tag>
+__device__ __forceinline__ void LoadEightHalf(const uint16_t* src, uint32_t (&bits)[kElemsPerThread]) {
+  const uint4 v = __ldg(reinterpret_cast<const uint4*>(src));
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    bits[2 * i] = HalfToF32Bits<Tag>(static_cast<uint16_t>(w[i] & 0xFFFFu));
+    bits[2 * i + 1] = HalfToF32Bits<Tag>(static_cast<uint16_t>(w[i] >> 16));
+  }
+}
+
+template <typename Elem, typename Tag>
+__device__ __forceinline__ void LoadThreadElems(const void* x, int64_t elem_offset,
+                                                uint32_t (&bits)[kElemsPerThread]) {
+  if constexpr (std::is_same_v<Elem, float>) {
+    LoadEight<float>(static_cast<const float*>(x) + elem_offset, bits);
+  } else {
+    LoadEightHalf<Tag>(static_cast<const uint16_t*>(x) + elem_offset, bits);
+  }
+}
+
+// One launch covers the whole tensor. `rows` x `k` elements; `kb_count` = k/32.
+template <typename Elem, typename Tag, InputDType kDType>
+__global__ void __launch_bounds__(kCtaThreads)
+    QuantizeKernel(const void* __restrict__ x,       // [rows, k] elements of Elem
+                   uint8_t* __restrict__ packed,     // [rows, k/2] E2M1 pairs
+                   uint8_t* __restrict__ scales,     // scale buffer in `layout`
+                   int64_t rows, int64_t k, ScaleLayout layout, Rounding rounding,
+                   int64_t padded_rows, int64_t padded_cols) {
+  const int64_t kb_count = k / kBlockSize;
+  const int64_t quarters = rows * kb_count * kThreadsPerBlockGroup;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  // The loop bound is rounded up to whole warps so every lane of a warp
+  // reaches the shuffles together (inactive lanes carry amax 0).
+  const int64_t quarters_warp_aligned = (quarters + 31) / 32 * 32;
+  for (int64_t q = tid; q < quarters_warp_aligned; q += stride) {
+    const bool active = q < quarters;
+    uint32_t bits[kElemsPerThread] = {};
+    uint32_t amax = 0;
+    if (active) {
+      LoadThreadElems<Elem, Tag>(x, q * kElemsPerThread, bits);
+#pragma unroll
+      for (int i = 0; i < kElemsPerThread; ++i) amax = max(amax, bits[i] & kF32AbsMask);
+    }
+    amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+    amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
+    if (!active) continue;
+    const BlockScale s = ChooseBlockScale(amax, rounding, kDType);
+    uint32_t word = 0;
+#pragma unroll
+    for (int i = 0; i < kElemsPerThread; ++i) word |= EncodeE2M1(bits[i], s, rounding) << (4 * i);
+    reinterpret_cast<uint32_t*>(packed)[q] = word;
+    if ((q & (kThreadsPerBlockGroup - 1)) == 0) {
+      const int64_t block = q / kThreadsPerBlockGroup;
+      const int64_t r = block / kb_count;
+      const int64_t kb = block - r * kb_count;
+      scales[ScaleOffset(r, kb, kb_count, layout)] = s.byte;
+    }
+  }
+  if (layout == ScaleLayout::kSwizzled128x4) {
+    // Zero the padding: rows < `rows` past column kb_count, then whole padded rows.
+    const int64_t tail_cols = padded_cols - kb_count;
+    const int64_t in_row_pad = rows * tail_cols;
+    const int64_t pad_total = in_row_pad + (padded_rows - rows) * padded_cols;
+    for (int64_t i = tid; i < pad_total; i += stride) {
+      int64_t r, c;
+      if (i < in_row_pad) {
+        r = i / tail_cols;
+        c = kb_count + (i - r * tail_cols);
+      } else {
+        const int64_t j = i - in_row_pad;
+        r = rows + j / padded_cols;
+        c = j % padded_cols;
+      }
+      scales[SwizzledOffset(r, c, kb_count)] = 0;
+    }
+  }
+}
+
+int SmCount() {
+  // Per device, queried once: an attribute query per call would cost more
+  // than the kernel at small M.
+  static int cached[64] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int count = 0;
+    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
+    cached[device] = count > 0 ? count : 132;
+  }
+  return cached[device];
+}
+
+template <typename Elem, typename Tag, InputDType kDType>
+void Launch(cudaStream_t stream, const void* x, uint8_t* packed, uint8_t* scales, int64_t rows,
+            int64_t k, ScaleLayout layout, Rounding rounding, ScaleShape ss) {
+  const int64_t quarters = rows * (k / kBlockSize) * kThreadsPerBlockGroup;
+  const int64_t pad = layout == ScaleLayout::kSwizzled128x4 ? ss.rows * ss.cols - rows * (k / kBlockSize) : 0;
+  const int64_t work = quarters > pad ? quarters : pad;
+  // 8 CTAs of 256 threads per SM keep every SM at full occupancy; beyond that
+  // the grid-stride loop gives each thread more quarters.
+  const int64_t max_ctas = static_cast<int64_t>(SmCount()) * 8;
+  int64_t ctas = (work + kCtaThreads - 1) / kCtaThreads;
+  if (ctas > max_ctas) ctas = max_ctas;
+  if (ctas < 1) ctas = 1;
+  QuantizeKernel<Elem, Tag, kDType><<<static_cast<unsigned>(ctas), kCtaThreads, 0, stream>>>(
+      x, packed, scales, rows, k, layout, rounding, ss.rows, ss.cols);
+}
+
+ffi::Error QuantizeCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,
+                            ffi::Result<ffi::Buffer<ffi::U8>> packed,
+                            ffi::Result<ffi::Buffer<ffi::U8>> scales, int32_t scale_layout,
+                            int32_t rounding) {
+  const auto dims = x.dimensions();
+  if (dims.size() == 0) return InvalidArgument("quantize: x must have at least one dimension");
+  if (scale_layout != static_cast<int32_t>(ScaleLayout::kLinear) &&
+      scale_layout != static_cast<int32_t>(ScaleLayout::kSwizzled128x4)) {
+    return InvalidArgument("quantize: unknown scale_layout " + std::to_string(scale_layout));
+  }
+  if (rounding < 0 || rounding > static_cast<int32_t>(Rounding::kCompressedTensors)) {
+    return InvalidArgument("quantize: unknown rounding " + std::to_string(rounding));
+  }
+  const int64_t k = dims.back();
+  const int64_t rows = LeadingRows(dims);
+  if (k % kBlockSize != 0) {
+    return InvalidArgument("quantize: K must be a multiple of 32, x has shape " + ShapeString(dims));
+  }
+  const auto layout = static_cast<ScaleLayout>(scale_layout);
+  const ScaleShape ss = GetScaleShape(rows, k, layout);
+  if (static_cast<int64_t>(packed->element_count()) != rows * (k / 2) ||
+      static_cast<int64_t>(scales->element_count()) != ss.rows * ss.cols) {
+    return InvalidArgument("quantize: output sizes do not match x of shape " + ShapeString(dims));
+  }
+  if (rows == 0 || k == 0) {
+    if (ss.rows * ss.cols > 0) cudaMemsetAsync(scales->typed_data(), 0, ss.rows * ss.cols, stream);
+  } else {
+    const auto mode = static_cast<Rounding>(rounding);
+    switch (x.element_type()) {
+      case ffi::DataType::F32:
+        Launch<float, void, InputDType::kF32>(stream, x.untyped_data(), packed->typed_data(),
+                                              scales->typed_data(), rows, k, layout, mode, ss);
+        break;
+      case ffi::DataType::BF16:
+        Launch<uint16_t, Bf16Tag, InputDType::kBF16>(stream, x.untyped_data(), packed->typed_data(),
+                                                     scales->typed_data(), rows, k, layout, mode, ss);
+        break;
+      case ffi::DataType::F16:
+        Launch<uint16_t, F16Tag, InputDType::kF16>(stream, x.untyped_data(), packed->typed_data(),
+                                                   scales->typed_data(), rows, k, layout, mode, ss);
+        break;
+      default:
+        return InvalidArgument("quantize: x must be float32, bfloat16 or float16");
+    }
+  }
+  // cudaGetLastError also reports errors of earlier asynchronous work on this
+  // thread; either way the computation is not trustworthy.
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    return ffi::Error::Internal(std::string("jax_mxfp4: quantize kernel launch failed: ") +
+                                cudaGetErrorString(err));
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMxfp4QuantizeCuda, QuantizeCudaImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<ffi::AnyBuffer>()          // x: f32/bf16/f16 [..., K]
+                                  .Ret<ffi::Buffer<ffi::U8>>()    // packed: [..., K/2]
+                                  .Ret<ffi::Buffer<ffi::U8>>()    // scales: linear or swizzled
+                                  .Attr<int32_t>("scale_layout")  // ScaleLayout
+                                  .Attr<int32_t>("rounding"),     // Rounding
+                              {ffi::Traits::kCmdBufferCompatible});
+
+}  // namespace jax_mxfp4
