@@ -22,6 +22,12 @@
 
 #include "quantize_cuda.h"
 #endif
+#if JAX_MXFP4_WITH_SM100
+#include "sm100/w4a4_gemm.h"
+#endif
+#if JAX_MXFP4_WITH_SM100_LAYOUT
+#include "sm100/scale_layout_cutlass.h"
+#endif
 
 namespace nb = nanobind;
 
@@ -43,6 +49,9 @@ nb::dict Registrations() {
 #if JAX_MXFP4_WITH_CUDA
   nb::dict cuda;
   cuda["jax_mxfp4_quantize"] = Capsule(jax_mxfp4::JaxMxfp4QuantizeCuda);
+#if JAX_MXFP4_WITH_SM100
+  cuda["jax_mxfp4_sm100_w4a4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4W4A4GemmSm100);
+#endif
   out["CUDA"] = cuda;
 #endif
   return out;
@@ -85,4 +94,32 @@ NB_MODULE(_ext, m) {
       "cuda_enabled", [] { return static_cast<bool>(JAX_MXFP4_WITH_CUDA); },
       "whether the CUDA kernels were compiled into this build");
   m.def("cuda_compute_capability", &CudaComputeCapability, nb::arg("ordinal"));
+
+  m.attr("has_sm100_gemm") = static_cast<bool>(JAX_MXFP4_WITH_SM100);
+#if JAX_MXFP4_WITH_SM100
+  m.def("sm100_w4a4_can_implement", &jax_mxfp4::Sm100W4A4CanImplement, nb::arg("m"), nb::arg("n"),
+        nb::arg("k"), "(ok, reason) for the SM100 W4A4 GEMM on an (M, N, K) problem");
+  m.def("sm100_w4a4_workspace_bytes", &jax_mxfp4::Sm100W4A4WorkspaceBytes, nb::arg("m"), nb::arg("n"),
+        nb::arg("k"), "bytes of the SM100 W4A4 GEMM's workspace result");
+  m.def("sm100_w4a4_config_name", &jax_mxfp4::Sm100W4A4ConfigName, nb::arg("m"));
+#endif
+
+  m.attr("has_cutlass_layout") = static_cast<bool>(JAX_MXFP4_WITH_SM100_LAYOUT);
+#if JAX_MXFP4_WITH_SM100_LAYOUT
+  m.def(
+      "cutlass_scale_factor_offsets",
+      [](int64_t rows, int64_t k, const std::string& operand) {
+        if (operand != "a" && operand != "b") throw nb::value_error("operand must be 'a' or 'b'");
+        return jax_mxfp4::CutlassScaleFactorOffsets(rows, k, operand == "a");
+      },
+      nb::arg("rows"), nb::arg("k"), nb::arg("operand"),
+      "byte offsets of every (row, kb) scale as CUTLASS's SM100 Sm1xxBlkScaledConfig lays them out");
+  m.def(
+      "cutlass_scale_factor_bytes",
+      [](int64_t rows, int64_t k, const std::string& operand) {
+        if (operand != "a" && operand != "b") throw nb::value_error("operand must be 'a' or 'b'");
+        return jax_mxfp4::CutlassScaleFactorBytes(rows, k, operand == "a");
+      },
+      nb::arg("rows"), nb::arg("k"), nb::arg("operand"));
+#endif
 }

@@ -21,7 +21,14 @@ except ImportError as err:  # pragma: no cover - only on a broken install
         "compiles it (a C++17 compiler is required; nvcc adds the CUDA kernels)."
     ) from err
 
-__all__ = ["cuda_compute_capability", "cuda_enabled", "ext", "require_target", "targets"]
+__all__ = [
+    "cuda_compute_capability",
+    "cuda_enabled",
+    "ext",
+    "is_cuda_device",
+    "require_target",
+    "targets",
+]
 
 ext = _ext
 
@@ -72,3 +79,11 @@ def cuda_compute_capability(device: jax.Device) -> tuple[int, int]:
     if cuda_enabled():
         return tuple(_ext.cuda_compute_capability(int(getattr(device, "local_hardware_id", device.id) or 0)))
     return (0, 0)
+
+
+def is_cuda_device(device: jax.Device) -> bool:
+    """Whether ``device`` is an NVIDIA GPU driven by the CUDA plugin (not ROCm, not CPU)."""
+    if device.platform != "gpu":
+        return False
+    version = str(getattr(device.client, "platform_version", "")).lower()
+    return "rocm" not in version and "hip" not in version

@@ -15,6 +15,7 @@ from jax_mxfp4.kernels.base import (
     get_kernel,
     select_kernel,
 )
+from jax_mxfp4.kernels import cutlass_sm100  # noqa: F401  (registers "cutlass_sm100")
 from jax_mxfp4.kernels import cpu  # noqa: F401  (registers "cpu")
 from jax_mxfp4.kernels import xla  # noqa: F401  (registers "xla", the universal fallback)
 
