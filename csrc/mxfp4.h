@@ -80,7 +80,9 @@ MXFP4_HD uint32_t F16BitsToF32Bits(uint16_t h) {
 }
 
 // Float32 bit pattern of t * 2^p for a small positive integer t, or +Inf bits
-// when it overflows. Exact for every (t, p) used here (t < 32, p >= -149).
+// when it overflows. Exact for t < 32 and p >= -149; below that the value is
+// floored to the subnormal grid (0 for a power of two), which is what the
+// strict comparisons against it need.
 MXFP4_HD uint32_t F32BitsOfIntTimesPow2(uint32_t t, int p) {
   const int lz = FloorLog2U32(t);
   const int exp = p + lz;
@@ -89,7 +91,8 @@ MXFP4_HD uint32_t F32BitsOfIntTimesPow2(uint32_t t, int p) {
     return (static_cast<uint32_t>(exp + 127) << 23) | ((t << (23 - lz)) & 0x7FFFFFu);
   }
   const int shift = p + 149;  // value in units of 2^-149
-  return shift >= 0 ? (t << shift) : (t >> -shift);
+  if (shift >= 0) return t << shift;
+  return -shift >= 32 ? 0u : (t >> -shift);  // below the subnormal grid: floor
 }
 
 // Float32 bits -> bfloat16 / float16 bits, round to nearest even (NaN kept
@@ -156,6 +159,10 @@ struct BlockScale {
   uint8_t byte;
   bool nan_block;
   uint32_t threshold[7];
+  // compressed_tensors only: a negative element keeps its sign bit only if
+  // |x| exceeds this (float32 bits); below it the library's quotient x / 2^E
+  // underflows to -0.0 in the input dtype and the code is 0x0.
+  uint32_t sign_threshold;
 };
 
 // Threshold multipliers t (threshold = t * 2^(E-2)) and whether the decision
@@ -194,6 +201,7 @@ MXFP4_HD BlockScale MakeBlockScale(int exponent) {
   if (exponent > kMaxScaleExponent) exponent = kMaxScaleExponent;
   s.byte = static_cast<uint8_t>(exponent + kE8M0Bias);
   s.nan_block = false;
+  s.sign_threshold = 0;
 MXFP4_UNROLL
   for (int i = 0; i < 7; ++i) s.threshold[i] = F32BitsOfIntTimesPow2(ThresholdT(i), exponent - 2);
   return s;
@@ -234,19 +242,70 @@ MXFP4_HD uint32_t E2M1Code(uint32_t f32_bits, const BlockScale& s) {
 }
 
 // ---------------------------------------------------------------------------
+// compressed_tensors: the rule compressed-tensors 0.20 uses when it writes an
+// MXFP4 checkpoint (quantization/utils/mxfp_utils.py round_to_power_2 +
+// generate_mx_scales, computed in the weight's dtype W; formats.py has the
+// full derivation). With A = amax and f, s its floor(log2) and significand:
+//   float32/bfloat16: E = f - 2 + [s >= 1.75], at least -127 (zero and
+//                     subnormal A give byte 0);
+//   float16:          A >= 2^-14: the same formula; 0.75*2^-14 <= A < 2^-14:
+//                     E = -16; A < 0.75*2^-14 (zero included): E = 0 (the
+//                     library replaces the zero scale by 1).
+// Where the library's bit trick overflows (A >= 1.75 * 2^127, or 57344 in
+// float16) E is capped at the largest exponent the library itself ever writes
+// (125 / 13), so the block saturates to +-6 * 2^E and stays finite. Elements:
+// q = x / 2^E rounded in W, then round-half-even on the E2M1 grid; the sign
+// bit is set only for q < 0 strictly, so -0.0, and negatives whose quotient
+// underflows to -0.0 in W, give 0x0.
+
+// Exponent of half the smallest subnormal of W: quotients at or below
+// 2^this round to zero.
+MXFP4_HD constexpr int HalfMinSubnormalExponent(InputDType dtype) {
+  return dtype == InputDType::kF32 ? -150 : dtype == InputDType::kBF16 ? -134 : -25;
+}
+
+MXFP4_HD BlockScale CompressedTensorsBlockScale(uint32_t amax_bits, InputDType dtype) {
+  if (amax_bits >= kF32Inf) return NanBlockScale();
+  int e;
+  if (dtype == InputDType::kF16) {
+    constexpr uint32_t kF16MinNormal = 0x38800000u;    // 2^-14 as float32 bits
+    constexpr uint32_t kF16EpsLimit = 0x38400000u;     // 0.75 * 2^-14
+    if (amax_bits < kF16EpsLimit) {
+      e = 0;
+    } else if (amax_bits < kF16MinNormal) {
+      e = -16;
+    } else {
+      e = static_cast<int>(amax_bits >> 23) - 127 - 2 + ((amax_bits & 0x7FFFFFu) >= 0x600000u);
+    }
+    if (e > 13) e = 13;
+  } else {
+    const uint32_t exp_field = amax_bits >> 23;
+    e = exp_field == 0 ? kMinScaleExponent
+                       : static_cast<int>(exp_field) - 127 - 2 + ((amax_bits & 0x7FFFFFu) >= 0x600000u);
+    if (e > 125) e = 125;
+  }
+  BlockScale s = MakeBlockScale(e);
+  s.sign_threshold = F32BitsOfIntTimesPow2(1, s.byte - kE8M0Bias + HalfMinSubnormalExponent(dtype));
+  return s;
+}
+
+// ---------------------------------------------------------------------------
 // Mode dispatch: what the CPU handler and the CUDA kernel call.
 
 // The block's scale from its largest |x| (float32 bits) and the input dtype
 // (the compressed_tensors rule works in the input's own precision).
 MXFP4_HD BlockScale ChooseBlockScale(uint32_t amax_bits, Rounding rounding, InputDType dtype) {
-  (void)dtype;
+  if (rounding == Rounding::kCompressedTensors) return CompressedTensorsBlockScale(amax_bits, dtype);
   return BlockScaleFromAmax(amax_bits, rounding);
 }
 
 // 4-bit code of one element (float32 bits) in a block with scale `s`.
 MXFP4_HD uint32_t EncodeE2M1(uint32_t f32_bits, const BlockScale& s, Rounding rounding) {
-  (void)rounding;
-  return E2M1Code(f32_bits, s);
+  if (rounding != Rounding::kCompressedTensors) return E2M1Code(f32_bits, s);
+  if (s.nan_block) return 0;
+  const uint32_t abs_bits = f32_bits & kF32AbsMask;
+  const bool negative = (f32_bits >> 31) && abs_bits > s.sign_threshold;
+  return (negative ? 8u : 0u) | E2M1MagnitudeCode(abs_bits, s);
 }
 
 }  // namespace jax_mxfp4

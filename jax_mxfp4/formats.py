@@ -20,7 +20,13 @@ Quantizing one block of 32 (``quantize_blocks`` below):
    * ``"rceil"`` (NVIDIA's hardware / cuBLAS / TransformerEngine rule):
      ``E = ceil(log2(amax / 6))``; nothing saturates.
    * ``"compressed_tensors"``: bit-identical to what compressed-tensors 0.20
-     writes into MXFP4 checkpoints (see ``_ct_block_exponent``).
+     writes into MXFP4 checkpoints: ``E = floor(log2(amax / 3.5))`` computed
+     in the input's dtype, with that library's special cases (float16 zero
+     blocks get ``E = 0``; a negative whose quotient underflows in the input
+     dtype loses its sign; the comment above ``_ct_block_exponent`` has them
+     all). Where the library overflows (amax >= 1.75 * 2**127, float16 >=
+     57344) E is capped at the largest exponent it writes for a valid block
+     (125; float16: 13), so such blocks saturate instead of becoming garbage.
 
    ``E`` is clamped to ``[-127, 127]`` and stored as the byte ``E + 127``.
 3. Every element becomes the E2M1 code nearest to ``x / 2**E``, ties to even,
@@ -193,13 +199,19 @@ def f32_bits(x) -> jnp.ndarray:
 
 
 def _f32_bits_of_int_times_pow2(t, p):
-    """Float32 bits of ``t * 2**p`` (``t`` a small positive int, ``p >= -149``), Inf on overflow."""
+    """Float32 bits of ``t * 2**p`` (``t`` a small positive int), Inf on overflow.
+
+    Exact for ``p >= -149``; below the subnormal grid the value is floored.
+    """
     t = _u32(t)
     p = jnp.asarray(p, dtype=jnp.int32)
     lz = _floor_log2_u32(t)
     exp = p + lz
     normal = ((exp + 127).astype(jnp.uint32) << 23) | ((t << (23 - lz).astype(jnp.uint32)) & 0x7FFFFF)
-    subnormal = t << jnp.maximum(p + 149, 0).astype(jnp.uint32)
+    shift = p + 149  # value in units of 2**-149; below that grid: floored (0 for a power of two)
+    subnormal = jnp.where(shift >= 0, t << jnp.clip(shift, 0, 31).astype(jnp.uint32),
+                          t >> jnp.clip(-shift, 0, 31).astype(jnp.uint32))
+    subnormal = jnp.where(shift <= -32, _u32(0), subnormal)
     return jnp.where(exp > 127, _u32(_F32_INF), jnp.where(exp >= -126, normal, subnormal))
 
 
@@ -280,8 +292,54 @@ def _floor_rceil_exponent(amax_bits, rounding: Rounding):
     return jnp.where(amax_bits == 0, MIN_SCALE_EXPONENT, e)
 
 
-def _ct_block_exponent(amax_bits, dtype):  # pragma: no cover - filled in with the CT rule
-    raise NotImplementedError
+# compressed-tensors 0.20 (quantization/utils/mxfp_utils.py round_to_power_2 +
+# generate_mx_scales; compressors/mx_utils.py compress_mx_scale; the codes from
+# quantization/utils/fp4_utils.py cast_to_fp4 and nvfp4/helpers.py
+# pack_fp4_to_uint8) computes everything in the weight's dtype W. Its scale is
+# 2**X with X = floor(log2(amax / 3.5)) (it rounds amax up to the next power
+# of two when the significand is >= 1.75 by adding to and masking the float
+# bits), the stored byte X + 127 clamped at 0. Consequences in W:
+#  * float32/bfloat16: zero and subnormal amax give byte 0;
+#  * float16: amax in [0.75, 1) * 2**-14 gives X = -16; amax below that (zero
+#    included) makes the scale 0, which the library replaces by 1 (X = 0);
+#  * amax >= 1.75 * 2**127 (float16: 57344) overflows the bit trick to Inf and
+#    the library writes garbage (byte 127, all codes 0, on x86). We cap X at the
+#    largest exponent the library itself writes for a valid block (125;
+#    float16: 13): such blocks saturate to +-6 * 2**X and stay finite.
+#  * Elements: q = x / 2**X rounded in W (exact down to W's subnormals), then
+#    round-half-even on the E2M1 grid. The sign bit is set for q < 0 strictly:
+#    -0.0, and negatives whose quotient underflows to -0.0 in W, give code 0x0.
+#  * NaN or Inf in a block: a NaN block, as for floor/rceil (the library's
+#    output there depends on NaN payloads and is not reproducible).
+_CT_MAX_EXPONENT = {InputDType.F32: 125, InputDType.BF16: 125, InputDType.F16: 13}
+# Quotients at or below 2**this round to zero in W (half the smallest subnormal).
+_HALF_MIN_SUBNORMAL_EXPONENT = {InputDType.F32: -150, InputDType.BF16: -134, InputDType.F16: -25}
+
+
+def _ct_block_exponent(amax_bits, dtype):
+    code = input_dtype_code(dtype)
+    exp_field = (amax_bits >> 23).astype(jnp.int32)
+    rounds_up = ((amax_bits & 0x7FFFFF) >= 0x600000).astype(jnp.int32)  # significand >= 1.75
+    formula = exp_field - 127 - 2 + rounds_up
+    if code == InputDType.F16:
+        e = jnp.where(amax_bits < 0x38400000, 0, jnp.where(amax_bits < 0x38800000, -16, formula))
+    else:
+        e = jnp.where(exp_field == 0, MIN_SCALE_EXPONENT, jnp.maximum(formula, MIN_SCALE_EXPONENT))
+    return jnp.minimum(e, _CT_MAX_EXPONENT[code])
+
+
+def _ct_quantize_blocks(blocks, amax_bits, dtype):
+    abs_bits = blocks & _F32_ABS_MASK
+    nan_block = amax_bits >= _F32_INF
+    exponent = _ct_block_exponent(amax_bits, dtype)
+    scale_bytes = jnp.where(nan_block, E8M0_NAN, exponent + E8M0_BIAS).astype(jnp.uint8)
+    magnitude = _e2m1_magnitude_codes(abs_bits, exponent[..., None])
+    sign_limit = _f32_bits_of_int_times_pow2(
+        1, exponent[..., None] + _HALF_MIN_SUBNORMAL_EXPONENT[input_dtype_code(dtype)])
+    negative = ((blocks >> 31) == 1) & (abs_bits > sign_limit)
+    codes = jnp.where(negative, _u32(8), _u32(0)) | magnitude
+    codes = jnp.where(nan_block[..., None], _u32(0), codes)
+    return codes.astype(jnp.uint8).reshape(*blocks.shape[:-2], -1), scale_bytes
 
 
 # ---------------------------------------------------------------------------
@@ -328,10 +386,6 @@ def _e2m1_magnitude_codes(abs_bits, exponent):
         passed = abs_bits > threshold if strict else abs_bits >= threshold
         code = code + passed.astype(jnp.uint32)
     return code
-
-
-def _ct_quantize_blocks(blocks, amax_bits, dtype):  # pragma: no cover - filled in with the CT rule
-    raise NotImplementedError("compressed_tensors rounding is not implemented yet")
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))

@@ -10,7 +10,7 @@ import jax_mxfp4
 from jax_mxfp4 import layout, reference
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-MODES = ["floor", "rceil"]
+MODES = ["floor", "rceil", "compressed_tensors"]
 LAYOUTS = ["linear", "swizzled_128x4"]
 
 
