@@ -1,8 +1,10 @@
 """Shared test configuration.
 
 GPU tests carry the ``gpu`` marker and are skipped, with the reason shown in
-the summary (``pytest -rs``), when jax has no CUDA device; on the device
-machine they run (see README, "Testing on a GPU").
+the summary (``pytest -rs``), when jax has no CUDA device; on a GPU machine
+they run on the GPU (see README, "Testing on a GPU"). Every other test runs
+with the CPU as jax's default device, also on a GPU machine, so the CPU
+custom calls are what they test wherever the suite runs.
 """
 
 import os
@@ -36,3 +38,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def rng():
     return np.random.default_rng(20261125)
+
+
+@pytest.fixture(autouse=True)
+def _default_device(request):
+    if "gpu" in request.keywords:
+        with jax.default_device(jax.devices("gpu")[0]):
+            yield
+    else:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield

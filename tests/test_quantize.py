@@ -121,3 +121,77 @@ def test_bad_inputs_raise_clear_errors():
     # Errors are raised at trace time, under jit too.
     with pytest.raises(ValueError, match="K=48 is not a multiple of 32"):
         jax.jit(jax_mxfp4.quantize_mxfp4).lower(jnp.zeros((2, 48), jnp.float32))
+
+
+# ---------------------------------------------------------------------------
+# CUDA kernel (csrc/quantize.cu): run on the device machine.
+
+
+def reference_on_cpu(x, scale_layout, rounding):
+    cpu = jax.devices("cpu")[0]
+    with jax.default_device(cpu):
+        out = reference.quantize_reference(jax.device_put(jnp.asarray(x), cpu), scale_layout=scale_layout,
+                                           rounding=rounding)
+    return [np.asarray(a) for a in out]
+
+
+def assert_cuda_matches(x, scale_layout, rounding):
+    x_gpu = jax.device_put(jnp.asarray(x), jax.devices("gpu")[0])
+    f = jax.jit(lambda v: jax_mxfp4.quantize_mxfp4(v, scale_layout=scale_layout, rounding=rounding))
+    assert "jax_mxfp4_quantize" in f.lower(x_gpu).as_text()
+    got = [np.asarray(a) for a in f(x_gpu)]
+    want = reference_on_cpu(x, scale_layout, rounding)
+    for g, w, name in zip(got, want, ("packed", "scales")):
+        assert g.shape == w.shape, name
+        np.testing.assert_array_equal(g, w, err_msg=f"{name} {x.shape} {x.dtype} {scale_layout} {rounding}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rounding", MODES)
+@pytest.mark.parametrize("scale_layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 32), (1, 8192), (31, 64), (127, 2880), (128, 4096), (129, 160),
+                                   (200, 4128), (2, 100, 224), (4096, 1024)])
+def test_cuda_kernel_bit_exact(dtype, rounding, scale_layout, shape, rng):
+    assert_cuda_matches(wide_random(rng, shape, DTYPES[dtype]), scale_layout, rounding)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rounding", MODES)
+def test_cuda_million_random_blocks(rounding, rng):
+    x = wide_random(rng, (1024 * 1024 // 64, 64 * 32), jnp.bfloat16)
+    assert_cuda_matches(x, "linear", rounding)
+    assert_cuda_matches(x[:4000], "swizzled_128x4", rounding)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_special_values(dtype):
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype).type
+    finfo = ml_dtypes.finfo(np_dtype)
+    specials = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), float(finfo.smallest_subnormal),
+                -float(finfo.smallest_subnormal), float(finfo.smallest_normal), float(finfo.max), -float(finfo.max),
+                0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, -0.1]
+    rng = np.random.default_rng(2)
+    rows = [rng.choice(specials, size=64) for _ in range(300)] + [[0.0] * 64, [-0.0] * 64]
+    x = np.array(rows, np.float64).astype(np_dtype)
+    for rounding in MODES:
+        for scale_layout in LAYOUTS:
+            assert_cuda_matches(x, scale_layout, rounding)
+
+
+@pytest.mark.gpu
+def test_cuda_vmap_and_padding_written_by_kernel(rng):
+    x = jnp.asarray(wide_random(rng, (3, 70, 96), jnp.bfloat16))
+    f = lambda v: jax_mxfp4.quantize_mxfp4(v, scale_layout="swizzled_128x4")  # noqa: E731
+    got = jax.jit(jax.vmap(f))(x)
+    for i in range(3):
+        want = reference_on_cpu(np.asarray(x[i]), "swizzled_128x4", "floor")
+        np.testing.assert_array_equal(np.asarray(got[1][i]), want[1])
+    # The kernel writes the zero padding itself (XLA hands it uninitialized memory).
+    for m in (1, 127, 129):
+        _, s = jax.jit(f)(jnp.asarray(wide_random(rng, (m, 160), jnp.bfloat16)))
+        flat = np.asarray(s).reshape(-1)
+        padding = np.ones(flat.size, bool)
+        padding[layout.swizzled_offsets_table(m, 160).reshape(-1)] = False
+        assert not flat[padding].any()
