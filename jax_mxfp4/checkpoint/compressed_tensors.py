@@ -655,7 +655,8 @@ def load_params(checkpoint: CompressedTensorsCheckpoint, target, *, name_map=Non
     """Puts a checkpoint's weights into a (swapped) Flax model.
 
     Args:
-      checkpoint: from ``load_compressed_tensors``.
+      checkpoint: from ``load_compressed_tensors``, or a plain ``{name: array}``
+        dict of dense tensors (e.g. an unquantized HF safetensors file).
       target: an nnx model (updated in place), or a linen params tree /
         variables dict (e.g. from ``jax.eval_shape(swapped.init, ...)``).
       name_map: checkpoint module name -> Flax module path (dotted, e.g.
@@ -673,6 +674,8 @@ def load_params(checkpoint: CompressedTensorsCheckpoint, target, *, name_map=Non
 
     Returns ``LoadReport`` (nnx) or ``(new_tree, LoadReport)`` (linen).
     """
+    if isinstance(checkpoint, Mapping):
+        checkpoint = CompressedTensorsCheckpoint({}, {}, dict(checkpoint))
     skip = list(skip)
     is_variables = not _is_nnx(target) and isinstance(target, Mapping) and "params" in target \
         and isinstance(target["params"], Mapping)
