@@ -20,6 +20,7 @@
 #if JAX_MXFP4_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include "marlin/marlin_gemm.h"
 #include "quantize_cuda.h"
 #endif
 #if JAX_MXFP4_WITH_SM100
@@ -49,6 +50,7 @@ nb::dict Registrations() {
 #if JAX_MXFP4_WITH_CUDA
   nb::dict cuda;
   cuda["jax_mxfp4_quantize"] = Capsule(jax_mxfp4::JaxMxfp4QuantizeCuda);
+  cuda["jax_mxfp4_marlin_gemm"] = Capsule(MarlinMxfp4GemmFfi);
 #if JAX_MXFP4_WITH_SM100
   cuda["jax_mxfp4_sm100_w4a4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4W4A4GemmSm100);
 #endif
@@ -94,6 +96,23 @@ NB_MODULE(_ext, m) {
       "cuda_enabled", [] { return static_cast<bool>(JAX_MXFP4_WITH_CUDA); },
       "whether the CUDA kernels were compiled into this build");
   m.def("cuda_compute_capability", &CudaComputeCapability, nb::arg("ordinal"));
+
+#if JAX_MXFP4_WITH_CUDA
+  namespace marlin = jax_mxfp4::marlin;
+  m.def("marlin_can_implement", &marlin::MarlinCanImplement, nb::arg("n"), nb::arg("k"),
+        "'' when the Marlin W4A16 GEMM can run an [N, K] weight, else the reason");
+  m.def(
+      "marlin_workspace_bytes",
+      [](int64_t m, int64_t n, int64_t k, int sm_count) { return marlin::MarlinWorkspaceBytes(m, n, k, sm_count); },
+      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("sm_count"),
+      "bytes of the Marlin GEMM's workspace result (-1: unsupported shape)");
+  m.def("marlin_device_sm_count", &marlin::MarlinDeviceSmCount, nb::arg("device"),
+        "SM count of CUDA device `device` (0 if the query fails)");
+  m.def(
+      "marlin_describe_plan",
+      [](int64_t m, int64_t n, int64_t k, int sm_count) { return marlin::MarlinDescribePlan(m, n, k, sm_count); },
+      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("sm_count"));
+#endif
 
   m.attr("has_sm100_gemm") = static_cast<bool>(JAX_MXFP4_WITH_SM100);
 #if JAX_MXFP4_WITH_SM100

@@ -15,7 +15,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jax_mxfp4 import formats, layout
 
@@ -90,25 +89,28 @@ def matmul_reference(x, w_packed, w_scales, *, activation_format=None, activatio
     return y.astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=("out_dtype",))
 def matmul_tolerance(x, w_packed, w_scales, out_dtype=None):
     """Elementwise error bound for an MXFP4 GEMM against ``matmul_reference``.
 
     Two implementations that both accumulate in float32 differ only by
     accumulation order: at most ``K * eps32 * sum_k |x_k| |w_nk|`` (the
     classical bound for a length-K float32 sum), plus one rounding of the
-    output to ``out_dtype`` on each side (one ulp of the result). Returns the
-    bound as a float32 array of the output's shape (numpy, for tests).
+    output to ``out_dtype`` on each side (one ulp of the result each). Returns
+    the bound as a float32 array of the output's shape (computed in float32
+    with HIGHEST precision; a bound needs no more).
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     k = x.shape[-1]
-    x32 = np.abs(np.asarray(jnp.asarray(x).astype(jnp.float32), dtype=np.float64))
-    w32 = np.abs(np.asarray(dequantize_reference(w_packed, w_scales, dtype=jnp.float32), dtype=np.float64))
-    w32 = np.nan_to_num(w32)
-    magnitude = np.einsum("...k,nk->...n", x32, w32)
-    eps32 = np.finfo(np.float32).eps
+    w = dequantize_reference(w_packed, w_scales, dtype=jnp.float32)
+    x32 = x.astype(jnp.float32)
+    hi = jax.lax.Precision.HIGHEST
+    magnitude = jnp.einsum("...k,nk->...n", jnp.abs(x32), jnp.nan_to_num(jnp.abs(w)), precision=hi)
+    result = jnp.abs(jnp.einsum("...k,nk->...n", x32, w, precision=hi))
+    eps32 = float(jnp.finfo(jnp.float32).eps)
     ulp_out = float(jnp.finfo(out_dtype).eps)
-    ref = np.abs(np.asarray(matmul_reference(x, w_packed, w_scales, out_dtype=jnp.float32), np.float64))
-    return (k * eps32 * magnitude + 2 * ulp_out * ref + np.finfo(np.float32).tiny).astype(np.float32)
+    # 1.01: the bound itself is computed in float32.
+    return k * eps32 * magnitude * 1.01 + 2 * ulp_out * result + float(jnp.finfo(jnp.float32).tiny)
 
 
 def dequantize_swizzled_reference(packed, swizzled_scales, *, rows, k, dtype=jnp.bfloat16):

@@ -19,8 +19,8 @@ def random_weights(rng, n, k, rounding="floor"):
 def assert_close_to_reference(y, x, wp, ws, **kwargs):
     want = reference.matmul_reference(x, wp, ws, **kwargs)
     assert y.shape == want.shape and y.dtype == want.dtype
-    tol = reference.matmul_tolerance(
-        reference.fake_quantize_reference(x) if kwargs.get("activation_format") else x, wp, ws, y.dtype)
+    xq = reference.fake_quantize_reference(x, rounding=kwargs.get("activation_rounding", "floor"))
+    tol = np.asarray(reference.matmul_tolerance(xq if kwargs.get("activation_format") else x, wp, ws, y.dtype))
     err = np.abs(np.asarray(y, np.float64) - np.asarray(want, np.float64))
     assert np.all(np.isfinite(np.asarray(y, np.float64)))
     assert np.all(err <= tol), f"max excess {np.max(err - tol)}"

@@ -16,6 +16,7 @@ from jax_mxfp4.kernels.base import (
     select_kernel,
 )
 from jax_mxfp4.kernels import cutlass_sm100  # noqa: F401  (registers "cutlass_sm100")
+from jax_mxfp4.kernels import marlin  # noqa: F401  (registers "marlin")
 from jax_mxfp4.kernels import cpu  # noqa: F401  (registers "cpu")
 from jax_mxfp4.kernels import xla  # noqa: F401  (registers "xla", the universal fallback)
 

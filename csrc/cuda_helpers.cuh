@@ -1,0 +1,276 @@
+// Shared CUDA helpers: error checking (host) and thin PTX wrappers (device).
+//
+// Every wrapper is one PTX instruction (or a fixed pair) with a link to its
+// section of the PTX ISA, so kernels read as the algorithm and the exact
+// instruction stays visible. Wrappers that have no side effect are plain
+// `asm` (not `volatile`) so the compiler may schedule and deduplicate them;
+// those that touch memory or synchronize are `asm volatile` with a "memory"
+// clobber where ordering matters.
+//
+// PTX ISA: https://docs.nvidia.com/cuda/parallel-thread-execution/index.html
+// (anchors below are relative to that page).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace jax_mxfp4 {
+
+// ===========================================================================
+// Host: error checking
+// ===========================================================================
+
+// "file:line: cudaErrorName (message)" for a failed CUDA runtime call.
+inline std::string CudaErrorString(cudaError_t err, const char* file, int line, const char* what) {
+  return std::string(file) + ":" + std::to_string(line) + ": " + what + " failed: " +
+         cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")";
+}
+
+}  // namespace jax_mxfp4
+
+// Evaluate a CUDA runtime call; on failure return the error string from the
+// enclosing function (which must return std::string, empty = success).
+#define JAX_MXFP4_CUDA_RETURN_IF_ERROR(expr)                                           \
+  do {                                                                                 \
+    const cudaError_t jax_mxfp4_err_ = (expr);                                         \
+    if (jax_mxfp4_err_ != cudaSuccess)                                                 \
+      return ::jax_mxfp4::CudaErrorString(jax_mxfp4_err_, __FILE__, __LINE__, #expr);  \
+  } while (0)
+
+// For test programs: print and exit(1) on failure.
+#define JAX_MXFP4_CUDA_CHECK_OR_DIE(expr)                                                        \
+  do {                                                                                           \
+    const cudaError_t jax_mxfp4_err_ = (expr);                                                   \
+    if (jax_mxfp4_err_ != cudaSuccess) {                                                         \
+      std::fprintf(stderr, "%s\n",                                                               \
+                   ::jax_mxfp4::CudaErrorString(jax_mxfp4_err_, __FILE__, __LINE__, #expr).c_str()); \
+      std::exit(1);                                                                              \
+    }                                                                                            \
+  } while (0)
+
+#if defined(__CUDACC__)
+
+namespace jax_mxfp4 {
+namespace ptx {
+
+// ===========================================================================
+// Device: asynchronous global -> shared copies (cp.async, SM80+)
+// #data-movement-and-conversion-instructions-cp-async
+// ===========================================================================
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy that zero-fills the destination when `pred` is false.
+// Uses the "src-size" operand: with src-size = 0 no global byte is read and
+// all 16 destination bytes are written with zeros, so residue handling needs
+// no separate shared-memory clear. `.cg` caches in L2 only (the data is
+// consumed from shared memory, L1 would only be polluted).
+__device__ __forceinline__ void CpAsync16ZeroFill(void* smem, const void* gmem, bool pred) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(SmemAddr(smem)),
+               "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+
+// As above with an L2 cache policy (from CreatePolicy*): used for weights,
+// which every CTA reads exactly once when no other CTA needs the same tile.
+__device__ __forceinline__ void CpAsync16ZeroFillHint(void* smem, const void* gmem, bool pred,
+                                                      uint64_t policy) {
+  const int src_bytes = pred ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(
+                   SmemAddr(smem)),
+               "l"(gmem), "r"(src_bytes), "l"(policy)
+               : "memory");
+}
+
+// Close the current group of cp.async operations (one group per pipeline
+// stage). Committing an empty group is legal and keeps the group count per
+// loop iteration uniform. #data-movement-and-conversion-instructions-cp-async-commit-group
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Block until at most `kPending` committed groups are still in flight.
+// #data-movement-and-conversion-instructions-cp-async-wait-group
+template <int kPending>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// L2 eviction policies (createpolicy, SM80+). "fraction 1.0" applies the
+// priority to every access made with the policy.
+// #data-movement-and-conversion-instructions-createpolicy
+__device__ __forceinline__ uint64_t CreatePolicyEvictFirst() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ uint64_t CreatePolicyEvictNormal() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+
+// ===========================================================================
+// Device: shared -> register matrix loads and tensor-core MMA
+// ===========================================================================
+
+// Four 8x8 b16 matrices from shared memory into the layout mma expects.
+// Lane l supplies the address of row (l % 8) of matrix (l / 8); lane l
+// receives, for matrix i, register i = elements (row l/4, cols 2(l%4), +1).
+// #warp-level-matrix-instructions-ldmatrix
+__device__ __forceinline__ void LdMatrixX4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(SmemAddr(smem)));
+}
+
+// D = A * B + D for one m16n8k16 tile, fp32 accumulation.
+// Fragments (#warp-level-matrix-fragment-mma-16816-float), with
+// g = lane / 4 and t = lane % 4:
+//   A (16x16, row): a[0] = (g, 2t..2t+1), a[1] = (g+8, 2t..), a[2] = (g, 2t+8..),
+//                   a[3] = (g+8, 2t+8..)
+//   B (16x8, col):  b[0] = (k 2t..2t+1, n g), b[1] = (k 2t+8..2t+9, n g)
+//   C/D (16x8):     c[0..1] = (g, 2t..2t+1), c[2..3] = (g+8, 2t..2t+1)
+// Each 32-bit register holds two 16-bit values, lower column/row in the low half.
+template <typename T>
+__device__ __forceinline__ void MmaM16N8K16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1);
+
+template <>
+__device__ __forceinline__ void MmaM16N8K16<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                           uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void MmaM16N8K16<__half>(float (&d)[4], const uint32_t (&a)[4],
+                                                    uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ===========================================================================
+// Device: integer bit manipulation
+// ===========================================================================
+
+// Rotate right: bit b of the result is bit (b + n) % 32 of x (one SHF.R.W).
+// #integer-arithmetic-instructions-shf
+__device__ __forceinline__ uint32_t RotR(uint32_t x, int n) { return __funnelshift_r(x, x, n); }
+
+// Byte permute: result byte i = byte sel[4i+3:4i] of the 8-byte value {b, a}
+// (a = bytes 0..3, b = bytes 4..7). #data-movement-and-conversion-instructions-prmt
+template <uint32_t kSel>
+__device__ __forceinline__ uint32_t Prmt(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "n"(kSel));
+  return r;
+}
+
+// Three-input logic op with an 8-bit truth table (LOP3). The compiler forms
+// LOP3 on its own for plain &,|,^ expressions; this exists for the rare
+// expression it does not. #logic-and-shift-instructions-lop3
+template <uint32_t kLut>
+__device__ __forceinline__ uint32_t Lop3(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(kLut));
+  return r;
+}
+
+// ===========================================================================
+// Device: exact packed 16-bit multiplies
+// ===========================================================================
+//
+// The MXFP4 dequantization multiplies values that may be subnormal in the
+// 16-bit type (the E2M1 value 0.5 is placed as a subnormal, see
+// marlin/marlin_layout.h). These wrappers pin the instruction and its rounding
+// so the result never depends on compiler flags such as -ftz / --use_fast_math:
+// no `.ftz` qualifier, round to nearest even.
+
+// bf16x2 multiply. SM90 has mul.bf16x2; SM80 has only fma.bf16x2, so add -0.0
+// (x * y + (-0) == x * y for every x * y, including -0).
+// #half-precision-floating-point-instructions-mul, -fma
+__device__ __forceinline__ uint32_t MulBf16x2(uint32_t a, uint32_t b) {
+  uint32_t r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+#else
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;\n" : "=r"(r) : "r"(a), "r"(b), "r"(0x80008000u));
+#endif
+  return r;
+}
+
+// f16x2 multiply, subnormals preserved (no .ftz).
+__device__ __forceinline__ uint32_t MulF16x2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("mul.rn.f16x2 %0, %1, %2;\n" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// Two floats -> packed 16-bit pair (lo in the low half), round to nearest even.
+template <typename T>
+__device__ __forceinline__ uint32_t PackFloat2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t PackFloat2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <>
+__device__ __forceinline__ uint32_t PackFloat2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ T FloatTo(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 FloatTo<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <>
+__device__ __forceinline__ __half FloatTo<__half>(float x) {
+  return __float2half_rn(x);
+}
+
+// ===========================================================================
+// Device: cross-CTA signalling through global memory
+// ===========================================================================
+//
+// Pattern of the CUDA "threadFenceReduction" sample: every thread makes its
+// global writes visible device-wide (__threadfence), the CTA synchronizes,
+// then one thread bumps a counter. The CTA that sees the final count is the
+// only one that reads the others' data, after its own fence. Nobody waits
+// on anybody, so the scheme is correct whether or not all CTAs are resident
+// at once (unlike a spin lock).
+
+// Returns, in every thread of the CTA, the counter value before this CTA's
+// increment. `broadcast` is one int of shared memory.
+__device__ __forceinline__ int CtaArrive(int* counter, int* broadcast) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *broadcast = atomicAdd(counter, 1);
+  __syncthreads();
+  const int prev = *broadcast;
+  __threadfence();  // order the caller's later reads of other CTAs' data after the atomic
+  return prev;
+}
+
+}  // namespace ptx
+}  // namespace jax_mxfp4
+
+#endif  // __CUDACC__

@@ -1,0 +1,118 @@
+// XLA FFI handler for the Marlin MXFP4 W4A16 GEMM (marlin_gemm.cu).
+//
+// Python side (trace time), for x[..., K] and a weight prepared by
+// jax_mxfp4.kernels.marlin_weights.prepare_marlin_weights:
+//   ws = MarlinWorkspaceBytes(M, N, K, sm_count)      # M = prod(x.shape[:-1])
+//   y, _ = jax.ffi.ffi_call("jax_mxfp4_marlin_gemm",
+//            (ShapeDtypeStruct(x.shape[:-1] + (N,), x.dtype),
+//             ShapeDtypeStruct((max(ws, 0),), uint8)))(
+//            x, tiles, scales, n=N, k=K, dtype=InputDType, sm_count=sm_count)
+// The handler recomputes the launch plan from (M, N, K, sm_count); passing the
+// same sm_count the workspace was sized with keeps the two consistent (any
+// sm_count >= 1 is correct, the device's own is fastest; 0 = use the device's).
+//
+// Graph-safe (no host synchronization, no allocation, only stream-ordered
+// work: cudaMemsetAsync + one kernel), hence CmdBufferCompatible.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../ffi_common.h"
+#include "marlin_gemm.h"
+#include "marlin_layout.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace jax_mxfp4 {
+namespace marlin {
+namespace {
+
+ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> tiles,
+                          ffi::Buffer<ffi::U8> scales, ffi::Result<ffi::AnyBuffer> y,
+                          ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
+                          int32_t dtype, int64_t sm_count) {
+  // ---- dtypes ----
+  const ffi::DataType xt = x.element_type();
+  if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
+    return InvalidArgument("marlin_gemm: x must be bfloat16 or float16 (W4A16 kernel)");
+  const InputDType x_dtype = xt == ffi::DataType::BF16 ? InputDType::kBF16 : InputDType::kF16;
+  if (dtype != static_cast<int32_t>(x_dtype))
+    return InvalidArgument("marlin_gemm: the weights were prepared for dtype code " +
+                           std::to_string(dtype) + " but x has dtype code " +
+                           std::to_string(static_cast<int32_t>(x_dtype)) +
+                           " (prepare_marlin_weights(..., dtype=x.dtype))");
+  if (y->element_type() != xt) return InvalidArgument("marlin_gemm: y must have x's dtype");
+
+  // ---- shapes ----
+  const std::string why = MarlinCanImplement(n, k);
+  if (!why.empty()) return InvalidArgument("marlin_gemm: " + why);
+  const auto x_dims = x.dimensions();
+  if (x_dims.size() < 1 || x_dims.back() != k)
+    return InvalidArgument("marlin_gemm: x has shape " + ShapeString(x_dims) + ", expected [..., " +
+                           std::to_string(k) + "]");
+  const int64_t m = LeadingRows(x_dims);
+  const auto y_dims = y->dimensions();
+  bool y_ok = y_dims.size() == x_dims.size() && y_dims.back() == n;
+  for (size_t i = 0; y_ok && i + 1 < x_dims.size(); ++i) y_ok = y_dims[i] == x_dims[i];
+  if (!y_ok)
+    return InvalidArgument("marlin_gemm: y has shape " + ShapeString(y_dims) + ", expected x's leading dims + [" +
+                           std::to_string(n) + "]");
+  const PreparedShape ps = GetPreparedShape(n, k);
+  const auto t_dims = tiles.dimensions();
+  if (t_dims.size() != 2 || t_dims[0] != ps.tiles_rows || t_dims[1] != ps.tiles_cols)
+    return InvalidArgument("marlin_gemm: tiles has shape " + ShapeString(t_dims) + ", expected [" +
+                           std::to_string(ps.tiles_rows) + ", " + std::to_string(ps.tiles_cols) + "]");
+  const auto s_dims = scales.dimensions();
+  if (s_dims.size() != 2 || s_dims[0] != ps.scales_rows || s_dims[1] != ps.scales_cols)
+    return InvalidArgument("marlin_gemm: scales has shape " + ShapeString(s_dims) + ", expected [" +
+                           std::to_string(ps.scales_rows) + ", " + std::to_string(ps.scales_cols) + "]");
+  if (m == 0) return ffi::Error::Success();
+
+  // ---- workspace ----
+  int sms = static_cast<int>(sm_count);
+  if (sms <= 0) {
+    int device = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return ffi::Error::Internal("marlin_gemm: cudaGetDevice failed");
+    sms = MarlinDeviceSmCount(device);  // cached per device
+    if (sms <= 0) return ffi::Error::Internal("marlin_gemm: cannot query the SM count");
+  }
+  const int64_t need = MarlinWorkspaceBytes(m, n, k, sms);
+  if (need < 0) return InvalidArgument("marlin_gemm: no launch plan for M = " + std::to_string(m));
+  const int64_t have = static_cast<int64_t>(workspace->element_count());
+  if (have < need)
+    return InvalidArgument("marlin_gemm: workspace has " + std::to_string(have) + " bytes, needs " +
+                           std::to_string(need) + " (MarlinWorkspaceBytes(" + std::to_string(m) + ", " +
+                           std::to_string(n) + ", " + std::to_string(k) + ", " + std::to_string(sms) + "))");
+
+  MarlinGemmArgs args{};
+  args.a = x.untyped_data();
+  args.tiles = tiles.typed_data();
+  args.scales = scales.typed_data();
+  args.c = y->untyped_data();
+  args.workspace = workspace->typed_data();
+  args.workspace_bytes = have;
+  args.m = m, args.n = n, args.k = k;
+  args.dtype = x_dtype;
+  args.sm_count = sms;
+  const std::string err = MarlinGemm(args, stream);  // checks cudaGetLastError after the launch
+  if (!err.empty()) return ffi::Error::Internal(err);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace marlin
+}  // namespace jax_mxfp4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMxfp4GemmFfi, jax_mxfp4::marlin::MarlinGemmImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()  // XLA's stream
+                                  .Arg<xla::ffi::AnyBuffer>()           // x: [..., K] bf16 / f16
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()  // tiles: [K/32, N_pad*16]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()  // scales: [K/32+4, N_pad]
+                                  .Ret<xla::ffi::AnyBuffer>()           // y: [..., N], x's dtype
+                                  .Ret<xla::ffi::Buffer<xla::ffi::U8>>()  // workspace: [W] scratch
+                                  .Attr<int64_t>("n")                   // true N (output features)
+                                  .Attr<int64_t>("k")                   // true K (inputs), % 32 == 0
+                                  .Attr<int32_t>("dtype")               // InputDType the weights were prepared for
+                                  .Attr<int64_t>("sm_count"),           // as given to MarlinWorkspaceBytes; 0 = device's
+                              {xla::ffi::Traits::kCmdBufferCompatible});

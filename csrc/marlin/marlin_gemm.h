@@ -1,0 +1,65 @@
+// Marlin-style W4A16 GEMM for MXFP4 weights on SM80/SM90:
+//   C[M, N] = A[M, K] @ dequant(W)^T,  A and C bf16 or fp16, fp32 accumulation,
+// W prepared once at load into the layout of marlin_layout.h.
+//
+// Host API (plain C++, no XLA dependency; marlin_gemm.cu) and the XLA FFI
+// handler symbol (marlin_ffi.cc). Typical use from Python at trace time:
+//   MarlinCanImplement(n, k)                 -> "" or why not
+//   MarlinWorkspaceBytes(m, n, k, sm_count)  -> size of the handler's
+//                                               workspace result, uint8[W]
+// and at run time the handler `MarlinMxfp4GemmFfi` with the attributes
+// n, k, dtype, sm_count (see marlin_ffi.cc for the exact binding).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "../mxfp4.h"
+
+namespace jax_mxfp4 {
+namespace marlin {
+
+// "" when the kernel can run a layer with N = n output features and K = k
+// inputs (with prepared weights of that size), otherwise the reason.
+std::string MarlinCanImplement(int64_t n, int64_t k);
+
+// Bytes of scratch the GEMM needs for M = m rows on a device with `sm_count`
+// SMs (the same sm_count must be passed at run time). 0 when the problem
+// needs no cross-CTA reduction. Returns -1 for an unsupported shape.
+int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count);
+
+// Number of SMs of CUDA device `device`, queried once per device and cached
+// (thread-safe). Returns 0 if the query fails.
+int MarlinDeviceSmCount(int device);
+
+// Human-readable launch plan ("cfg=small m16xn128xk256 grid=128 iters=16
+// split=yes ..."), for benchmarks and the self-test.
+std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count);
+
+struct MarlinGemmArgs {
+  const void* a;          // [m, k] activations, row-major, dtype `dtype`
+  const uint8_t* tiles;   // prepared weights, uint8[k/32, N_pad * 16]
+  const uint8_t* scales;  // prepared scales,  uint8[k/32 + 4, N_pad]
+  void* c;                // [m, n] output, row-major, dtype `dtype`
+  void* workspace;        // MarlinWorkspaceBytes(m, n, k, sm_count) bytes
+  int64_t workspace_bytes;
+  int64_t m, n, k;        // true sizes; k % 32 == 0
+  InputDType dtype;       // kBF16 or kF16 (the dtype the weights were prepared for)
+  int sm_count;           // as passed to MarlinWorkspaceBytes
+};
+
+// Enqueue the GEMM on `stream` (asynchronous; no host synchronization, no
+// allocation). Zeroes the part of the workspace that must start at zero with
+// cudaMemsetAsync. Returns "" or an error message (argument or CUDA error).
+std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream);
+
+}  // namespace marlin
+}  // namespace jax_mxfp4
+
+// XLA FFI handler (defined in marlin_ffi.cc with XLA_FFI_DEFINE_HANDLER_SYMBOL).
+// Declared with forward-declared C types so this header needs no XLA include.
+struct XLA_FFI_Error;
+struct XLA_FFI_CallFrame;
+extern "C" XLA_FFI_Error* MarlinMxfp4GemmFfi(XLA_FFI_CallFrame* call_frame);

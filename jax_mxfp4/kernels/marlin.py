@@ -1,0 +1,94 @@
+"""``marlin``: the Marlin-style W4A16 GEMM for Ampere/Hopper (``csrc/marlin``).
+
+MXFP4 weights stay 4-bit in HBM, repacked once at load into the tile order
+the kernel's ``mma.sync`` fragments want (``prepare_marlin_weights``), and are
+dequantized in registers; activations and output are bfloat16 or float16,
+accumulation float32. Selected on compute capability 8.x and 9.x.
+
+For large M the GEMM is compute-bound and ``mma.sync`` on Hopper trails the
+``wgmma`` GEMM that cuBLAS runs; from ``DENSE_FROM_TOKENS`` rows on, ``apply``
+dequantizes the prepared weights and calls a dense ``jnp.dot`` instead. That
+crossover is a measurement, recorded with its data (see the constant).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from jax_mxfp4 import _native, reference
+from jax_mxfp4.kernels.base import (
+    LinearConfig,
+    Mxfp4LinearKernel,
+    PreparedWeights,
+    default_device,
+    register_kernel,
+)
+from jax_mxfp4.kernels.marlin_weights import marlin_layout, prepare_marlin_weights, unprepare_marlin_weights
+from jax_mxfp4.primitives import marlin_gemm
+
+__all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
+
+#: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM.
+#: None: always the Marlin kernel (no measurement has shown the dense path
+#: faster yet).
+DENSE_FROM_TOKENS: int | None = None
+
+# SM count used when the device cannot be queried at trace time (e.g. tracing
+# on a CPU host for a GPU): any value is correct, the device's own is fastest.
+_FALLBACK_SM_COUNT = 132
+
+
+def _sm_count() -> int:
+    device = default_device()
+    if not _native.is_cuda_device(device):
+        return _FALLBACK_SM_COUNT
+    count = int(_native.ext.marlin_device_sm_count(int(getattr(device, "local_hardware_id", device.id) or 0)))
+    return count if count > 0 else _FALLBACK_SM_COUNT
+
+
+@register_kernel
+class MarlinKernel(Mxfp4LinearKernel):
+    name = "marlin"
+    description = "Marlin-style W4A16 GEMM, mma.sync, SM80/SM90 (csrc/marlin)"
+
+    def is_supported(self, device):
+        if not _native.is_cuda_device(device):
+            return False, f"needs a CUDA GPU of compute capability 8.x or 9.x (this is a {device.platform} device)"
+        if not _native.cuda_enabled():
+            return False, "this build has no CUDA kernels (nvcc was not found at install time)"
+        cc = _native.cuda_compute_capability(device)
+        if cc[0] not in (8, 9):
+            return False, (f"compiled for sm_80 and sm_90a only; {device.device_kind} is compute capability "
+                           f"{cc[0]}.{cc[1]}")
+        return True, ""
+
+    def can_implement(self, config: LinearConfig):
+        if config.activation_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            return False, (f"computes in bfloat16/float16; {config.activation_dtype} activations run on another "
+                           "kernel (cast x to bfloat16 to use this one)")
+        if not _native.cuda_enabled():
+            return False, "this build has no CUDA kernels"
+        reason = _native.ext.marlin_can_implement(config.out_features, config.in_features)
+        return (not reason), reason
+
+    def prepare_weights(self, w_packed, w_scales, config: LinearConfig) -> PreparedWeights:
+        tiles, scales, _ = prepare_marlin_weights(w_packed, w_scales, config.activation_dtype)
+        return PreparedWeights({"tiles": tiles, "scales": scales}, self.name, config)
+
+    def matmul(self, x, weights: PreparedWeights):
+        config = weights.config
+        tokens = math.prod(int(d) for d in x.shape[:-1])
+        if DENSE_FROM_TOKENS is not None and tokens >= DENSE_FROM_TOKENS:
+            return self.dense_matmul(x, weights)
+        return marlin_gemm.marlin_gemm(x, weights.arrays["tiles"], weights.arrays["scales"],
+                                       n=config.out_features, k=config.in_features, sm_count=_sm_count())
+
+    def dense_matmul(self, x, weights: PreparedWeights):
+        """The large-M path: dequantize the prepared weights, then a dense GEMM (cuBLAS)."""
+        config = weights.config
+        layout = marlin_layout(config.out_features, config.in_features, config.activation_dtype)
+        w_packed, w_scales = unprepare_marlin_weights(weights.arrays["tiles"], weights.arrays["scales"], layout)
+        w = reference.dequantize_reference(w_packed, w_scales, dtype=x.dtype)
+        return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
