@@ -132,8 +132,10 @@ def canonical_from_prepared(prepared: PreparedWeights):
 
     The ``xla`` and ``cpu`` kernels keep the canonical arrays; ``cutlass_sm100``
     keeps ``packed`` and swizzles the scales (inverted with
-    ``unswizzle_scales``). Other layouts raise ``ValueError``: prepare those
-    layers with ``keep_canonical=True`` to save checkpoints afterwards.
+    ``unswizzle_scales``). Other layouts raise ``ValueError`` (Marlin's, for
+    one, flushes scale bytes far below a row's largest to zero, so its inverse
+    is not the checkpoint): prepare those layers with ``keep_canonical=True``
+    to save checkpoints afterwards.
     """
     config = prepared.config
     arrays = prepared.arrays

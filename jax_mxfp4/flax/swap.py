@@ -247,10 +247,6 @@ class SwappedLinen:
     ignore: tuple[str, ...] = ()
     options: LayerOptions = LayerOptions()
 
-    def chosen(self, name: str, dense: nn.Dense) -> bool:
-        target, ignored_by = match_layer(name, dense, self.targets, self.ignore)
-        return target is not None and ignored_by is None
-
     def spec(self, dense: nn.Dense) -> mx_linen.DenseSpec:
         return mx_linen.DenseSpec(
             features=dense.features,
