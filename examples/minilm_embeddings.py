@@ -134,6 +134,8 @@ def main(argv=None):
         for line in explanation.splitlines()[1:]:
             print(f"  {line.strip()}")
     emb_mx = np.asarray(embed_fn(served)(ids, mask))
+    same = np.array_equal(emb_mx, np.asarray(embed_fn(quantized)(ids, mask)))
+    print(f"after save + load + prepare, embeddings identical to the swapped model's: {same}")
 
     cos = np.sum(emb_mx * emb_bf16, axis=1)
     print("\ncosine(MXFP4, bf16) per sentence:")
@@ -152,7 +154,7 @@ def main(argv=None):
     print(f"  bf16:  {bf16_med * 1e3:8.2f} ms / {bf16_min * 1e3:8.2f} ms")
     print(f"  MXFP4: {mx_med * 1e3:8.2f} ms / {mx_min * 1e3:8.2f} ms")
     print(f"total run time: {time.perf_counter() - t_start:.1f} s")
-    return {"cosine": cos, "top1": top1, "full": full}
+    return {"cosine": cos, "top1": top1, "full": full, "round_trip_identical": same}
 
 
 if __name__ == "__main__":
