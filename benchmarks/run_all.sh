@@ -7,13 +7,16 @@
 # profiler traces, log) which also writes benchmarks/results/<bench>-<device>.json;
 # then regenerates the README performance section (python -m benchmarks.report),
 # writes OUT_DIR/perf_section.md, and prints a short summary last.
-# Expected on one H100 (compile time dominates): --quick all three ~5 min;
-# full quantize ~3 min, decode ~3-4 min, gemm ~8 min (it stops starting new
+# Expected on one H100 (estimates; compile time dominates): --quick all three ~4-5 min;
+# full quantize ~2-3 min, decode ~3-4 min, gemm ~8 min (it stops starting new
 # shapes after GEMM_BUDGET_S, default 450 s, and says which ones it skipped).
-# A full run of all three exceeds 10 minutes: split it, e.g.
+# Each bench runs under a timeout (SIGINT: it writes what it has) chosen so that
+# these fit a 10-minute command:
+#   benchmarks/run_all.sh "$OUT" --quick
 #   benchmarks/run_all.sh "$OUT" --only quantize,decode
 #   benchmarks/run_all.sh "$OUT" --only gemm
-# Environment: PYTHON (default python3), GEMM_BUDGET_S, BENCH_ARGS (extra args for every bench),
+# Environment: PYTHON (default python3), GEMM_BUDGET_S, {QUANTIZE,GEMM,DECODE}_TIMEOUT_S,
+# BENCH_ARGS (extra args for every bench),
 # QUANTIZE_ARGS / GEMM_ARGS / DECODE_ARGS (extra args for one bench, e.g.
 # GEMM_ARGS="--shapes 4096x14336,14336x4096,2880x5760"), JAX_MXFP4_GIT_COMMIT (recorded
 # when the tree has no .git). Back on the dev machine:
@@ -83,13 +86,15 @@ run_bench() {  # name timeout_s args...
   [ "$rc" -eq 0 ] || FAILED+=("$name(rc=$rc)")
 }
 
+pick() { if [ -n "$QUICK$SMOKE" ]; then echo "$1"; else echo "$2"; fi; }  # quick/smoke vs full default
+
 IFS=',' read -r -a BENCHES <<< "$ONLY"
 for b in "${BENCHES[@]}"; do
   case "$b" in
-    quantize) run_bench quantize $([ -n "$QUICK$SMOKE" ] && echo 240 || echo 420) ${QUANTIZE_ARGS:-} ;;
-    gemm) run_bench gemm $([ -n "$QUICK$SMOKE" ] && echo 300 || echo 570) --budget-s "${GEMM_BUDGET_S:-450}" \
+    quantize) run_bench quantize "${QUANTIZE_TIMEOUT_S:-$(pick 150 230)}" ${QUANTIZE_ARGS:-} ;;
+    gemm) run_bench gemm "${GEMM_TIMEOUT_S:-$(pick 220 560)}" --budget-s "${GEMM_BUDGET_S:-$(pick 170 450)}" \
             ${GEMM_ARGS:-} ;;
-    decode) run_bench decode $([ -n "$QUICK$SMOKE" ] && echo 300 || echo 480) ${DECODE_ARGS:-} ;;
+    decode) run_bench decode "${DECODE_TIMEOUT_S:-$(pick 180 320)}" ${DECODE_ARGS:-} ;;
     *) echo "unknown benchmark '$b' (quantize, gemm, decode)"; FAILED+=("$b(unknown)") ;;
   esac
 done
