@@ -224,13 +224,12 @@ MXFP4_UNROLL
   return code;
 }
 
-// Block scale for floor / rceil from the block's largest |x| bits.
-// Non-finite input (NaN or +-Inf anywhere in the block) gives a NaN block:
-// scale byte 0xFF and every code 0. An all-zero block gets byte 0 (2^-127).
-MXFP4_HD BlockScale BlockScaleFromAmax(uint32_t amax_bits, Rounding rounding) {
-  if (amax_bits >= kF32Inf) return NanBlockScale();
-  if (amax_bits == 0) return MakeBlockScale(kMinScaleExponent);
-  return MakeBlockScale(BlockExponentFloorRceil(amax_bits, rounding));
+// Unbiased, clamped block exponent for floor / rceil from the block's largest
+// |x| bits (finite). An all-zero block gets -127 (byte 0).
+MXFP4_HD int FloorRceilExponent(uint32_t amax_bits, Rounding rounding) {
+  if (amax_bits == 0) return kMinScaleExponent;
+  const int e = BlockExponentFloorRceil(amax_bits, rounding);
+  return e < kMinScaleExponent ? kMinScaleExponent : (e > kMaxScaleExponent ? kMaxScaleExponent : e);
 }
 
 // 4-bit code of one element for floor / rceil: the sign bit follows the
@@ -264,12 +263,12 @@ MXFP4_HD constexpr int HalfMinSubnormalExponent(InputDType dtype) {
   return dtype == InputDType::kF32 ? -150 : dtype == InputDType::kBF16 ? -134 : -25;
 }
 
-MXFP4_HD BlockScale CompressedTensorsBlockScale(uint32_t amax_bits, InputDType dtype) {
-  if (amax_bits >= kF32Inf) return NanBlockScale();
+// Unbiased block exponent of the compressed_tensors rule (finite amax).
+MXFP4_HD int CompressedTensorsExponent(uint32_t amax_bits, InputDType dtype) {
   int e;
   if (dtype == InputDType::kF16) {
-    constexpr uint32_t kF16MinNormal = 0x38800000u;    // 2^-14 as float32 bits
-    constexpr uint32_t kF16EpsLimit = 0x38400000u;     // 0.75 * 2^-14
+    constexpr uint32_t kF16MinNormal = 0x38800000u;  // 2^-14 as float32 bits
+    constexpr uint32_t kF16EpsLimit = 0x38400000u;   // 0.75 * 2^-14
     if (amax_bits < kF16EpsLimit) {
       e = 0;
     } else if (amax_bits < kF16MinNormal) {
@@ -277,26 +276,50 @@ MXFP4_HD BlockScale CompressedTensorsBlockScale(uint32_t amax_bits, InputDType d
     } else {
       e = static_cast<int>(amax_bits >> 23) - 127 - 2 + ((amax_bits & 0x7FFFFFu) >= 0x600000u);
     }
-    if (e > 13) e = 13;
-  } else {
-    const uint32_t exp_field = amax_bits >> 23;
-    e = exp_field == 0 ? kMinScaleExponent
-                       : static_cast<int>(exp_field) - 127 - 2 + ((amax_bits & 0x7FFFFFu) >= 0x600000u);
-    if (e > 125) e = 125;
+    return e > 13 ? 13 : e;
   }
-  BlockScale s = MakeBlockScale(e);
-  s.sign_threshold = F32BitsOfIntTimesPow2(1, s.byte - kE8M0Bias + HalfMinSubnormalExponent(dtype));
-  return s;
+  const uint32_t exp_field = amax_bits >> 23;
+  e = exp_field == 0 ? kMinScaleExponent
+                     : static_cast<int>(exp_field) - 127 - 2 + ((amax_bits & 0x7FFFFFu) >= 0x600000u);
+  e = e < kMinScaleExponent ? kMinScaleExponent : e;
+  return e > 125 ? 125 : e;
+}
+
+// compressed_tensors: |x| must exceed this (float32 bits) for a negative x to
+// keep its sign bit (below it x / 2^E underflows to -0.0 in the input dtype).
+MXFP4_HD uint32_t CompressedTensorsSignThreshold(int exponent, InputDType dtype) {
+  return F32BitsOfIntTimesPow2(1, exponent + HalfMinSubnormalExponent(dtype));
 }
 
 // ---------------------------------------------------------------------------
 // Mode dispatch: what the CPU handler and the CUDA kernel call.
 
-// The block's scale from its largest |x| (float32 bits) and the input dtype
-// (the compressed_tensors rule works in the input's own precision).
+// The block's exponent from its largest |x| (float32 bits) and the input
+// dtype (the compressed_tensors rule works in the input's own precision).
+// NaN or Inf in the block (amax_bits >= Inf bits) makes it a NaN block for
+// every mode: scale byte 0xFF, all codes 0.
+struct BlockExponent {
+  int exponent;    // unbiased, in [-127, 127]
+  bool nan_block;  // scale byte 0xFF, codes 0
+};
+
+MXFP4_HD BlockExponent ChooseBlockExponent(uint32_t amax_bits, Rounding rounding, InputDType dtype) {
+  if (amax_bits >= kF32Inf) return BlockExponent{0, true};
+  if (rounding == Rounding::kCompressedTensors) {
+    return BlockExponent{CompressedTensorsExponent(amax_bits, dtype), false};
+  }
+  return BlockExponent{FloorRceilExponent(amax_bits, rounding), false};
+}
+
+// The block's scale byte and decision thresholds (see BlockScale).
 MXFP4_HD BlockScale ChooseBlockScale(uint32_t amax_bits, Rounding rounding, InputDType dtype) {
-  if (rounding == Rounding::kCompressedTensors) return CompressedTensorsBlockScale(amax_bits, dtype);
-  return BlockScaleFromAmax(amax_bits, rounding);
+  const BlockExponent e = ChooseBlockExponent(amax_bits, rounding, dtype);
+  if (e.nan_block) return NanBlockScale();
+  BlockScale s = MakeBlockScale(e.exponent);
+  if (rounding == Rounding::kCompressedTensors) {
+    s.sign_threshold = CompressedTensorsSignThreshold(e.exponent, dtype);
+  }
+  return s;
 }
 
 // 4-bit code of one element (float32 bits) in a block with scale `s`.

@@ -7,8 +7,10 @@
 // packed bytes of its eight codes; a warp covers eight consecutive blocks and
 // its packed stores form one contiguous 128-byte segment. The block's amax is
 // reduced across the four lanes with two xor-shuffles; lane 0 of the four
-// writes the scale byte. All element math is mxfp4.h (integer, bit-exact with
-// jax_mxfp4/formats.py for every rounding mode).
+// writes the scale byte. The block exponent comes from mxfp4.h
+// (ChooseBlockExponent, shared with the CPU handler); the element encoding is
+// EncodeMagnitude below, a float-pipe formulation of mxfp4.h's threshold count
+// that is bit-identical to it (tested against jax_mxfp4.reference on the GPU).
 //
 // Launch: a grid-stride loop over quarter-blocks with the grid capped at a few
 // waves of the device, so M = 1 launches one or a few CTAs (latency-bound,
@@ -76,57 +78,117 @@ __device__ __forceinline__ void LoadThreadElems(const void* x, int64_t elem_offs
   }
 }
 
+// 2^-E as a float (exact: a normal float for E <= 126, the subnormal 2^-127
+// for E = 127).
+__device__ __forceinline__ float InvPow2(int e) {
+  return e <= 126 ? __uint_as_float(static_cast<uint32_t>(127 - e) << 23) : __uint_as_float(0x00400000u);
+}
+
+// E2M1 magnitude code (0..7) of |x| in a block with scale 2^E, given
+// inv_scale = 2^-E. Same result as mxfp4.h's E2M1MagnitudeCode, with about
+// half the integer instructions (Hopper has no E2M1 convert, and this kernel
+// is bound by the integer pipe, not by memory, with the threshold count):
+//   q = |x| * 2^-E is exact (a power-of-two scaling; nvcc keeps subnormals);
+//   on [0, 2) the E2M1 grid is 0.5 apart, on [2, 4) 1 apart, from 4 on 2
+//   apart, so code = rint(2q), rint(q) + 2, rint(q/2) + 4 there, capped at 7
+//   (saturation). rint (ties to even, the E2M1 ties) is the float add trick:
+//   fma(q, step, 2^23) rounds q * step to an integer in the low mantissa bits.
+__device__ __forceinline__ uint32_t EncodeMagnitude(float abs_x, float inv_scale) {
+  const float q = abs_x * inv_scale;
+  const bool below2 = q < 2.0f, below4 = q < 4.0f;
+  const float step = below2 ? 2.0f : (below4 ? 1.0f : 0.5f);
+  const uint32_t offset = below2 ? 0u : (below4 ? 2u : 4u);
+  const float t = __fmaf_rn(q, step, 8388608.0f);  // 2^23 + rint(q * step)
+  return min(__float_as_uint(t) - 0x4B000000u + offset, 7u);
+}
+
+// n / d for 32-bit n < 2^31 by a multiply-high and a shift (Granlund and
+// Montgomery, "Division by invariant integers using multiplication", 1994):
+// the swizzled layout needs (row, kb) of every block, and a hardware-less
+// integer division per block would cost more than the rest of the kernel.
+struct FastDivisor {
+  uint32_t divisor, multiplier, shift;
+  explicit FastDivisor(uint32_t d) : divisor(d), multiplier(0), shift(0) {
+    if (d > 1) {
+      int log2_ceil = 0;
+      while ((1ull << log2_ceil) < d) ++log2_ceil;
+      const uint64_t p = 31 + static_cast<uint64_t>(log2_ceil);
+      multiplier = static_cast<uint32_t>(((1ull << p) + d - 1) / d);
+      shift = static_cast<uint32_t>(p - 32);
+    }
+  }
+  __device__ __forceinline__ uint32_t Divide(uint32_t n) const {
+    return multiplier == 0 ? n : (__umulhi(n, multiplier) >> shift);
+  }
+};
+
 // One launch covers the whole tensor. `rows` x `k` elements; `kb_count` = k/32.
+// Indices are 32-bit (the host refuses tensors of 2^30 blocks or more).
 template <typename Elem, typename Tag, InputDType kDType>
 __global__ void __launch_bounds__(kCtaThreads)
     QuantizeKernel(const void* __restrict__ x,       // [rows, k] elements of Elem
                    uint8_t* __restrict__ packed,     // [rows, k/2] E2M1 pairs
                    uint8_t* __restrict__ scales,     // scale buffer in `layout`
-                   int64_t rows, int64_t k, ScaleLayout layout, Rounding rounding,
-                   int64_t padded_rows, int64_t padded_cols) {
-  const int64_t kb_count = k / kBlockSize;
-  const int64_t quarters = rows * kb_count * kThreadsPerBlockGroup;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+                   uint32_t rows, uint32_t kb_count,  // kb_count = k / 32
+                   FastDivisor kb_divisor,           // divides by kb_count
+                   ScaleLayout layout, Rounding rounding, uint32_t padded_rows,
+                   uint32_t padded_cols) {
+  const uint32_t quarters = rows * kb_count * kThreadsPerBlockGroup;
+  const uint32_t stride = gridDim.x * blockDim.x;
+  const uint32_t tid = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool ct = rounding == Rounding::kCompressedTensors;
   // The loop bound is rounded up to whole warps so every lane of a warp
   // reaches the shuffles together (inactive lanes carry amax 0).
-  const int64_t quarters_warp_aligned = (quarters + 31) / 32 * 32;
-  for (int64_t q = tid; q < quarters_warp_aligned; q += stride) {
+  const uint32_t quarters_warp_aligned = (quarters + 31) / 32 * 32;
+  for (uint32_t q = tid; q < quarters_warp_aligned; q += stride) {
     const bool active = q < quarters;
     uint32_t bits[kElemsPerThread] = {};
     uint32_t amax = 0;
     if (active) {
-      LoadThreadElems<Elem, Tag>(x, q * kElemsPerThread, bits);
+      LoadThreadElems<Elem, Tag>(x, static_cast<int64_t>(q) * kElemsPerThread, bits);
 #pragma unroll
       for (int i = 0; i < kElemsPerThread; ++i) amax = max(amax, bits[i] & kF32AbsMask);
     }
     amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
     amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
     if (!active) continue;
-    const BlockScale s = ChooseBlockScale(amax, rounding, kDType);
+    const BlockExponent be = ChooseBlockExponent(amax, rounding, kDType);
+    const float inv_scale = InvPow2(be.exponent);
+    // Negatives keep their sign bit (floor/rceil), or do unless their
+    // quotient underflows in the input dtype (compressed_tensors).
+    const uint32_t sign_floor = ct ? CompressedTensorsSignThreshold(be.exponent, kDType) : 0u;
     uint32_t word = 0;
 #pragma unroll
-    for (int i = 0; i < kElemsPerThread; ++i) word |= EncodeE2M1(bits[i], s, rounding) << (4 * i);
-    reinterpret_cast<uint32_t*>(packed)[q] = word;
+    for (int i = 0; i < kElemsPerThread; ++i) {
+      const uint32_t abs_bits = bits[i] & kF32AbsMask;
+      const uint32_t sign = (bits[i] >> 31) & static_cast<uint32_t>(!ct || abs_bits > sign_floor);
+      word |= ((sign << 3) | EncodeMagnitude(__uint_as_float(abs_bits), inv_scale)) << (4 * i);
+    }
+    reinterpret_cast<uint32_t*>(packed)[q] = be.nan_block ? 0u : word;
     if ((q & (kThreadsPerBlockGroup - 1)) == 0) {
-      const int64_t block = q / kThreadsPerBlockGroup;
-      const int64_t r = block / kb_count;
-      const int64_t kb = block - r * kb_count;
-      scales[ScaleOffset(r, kb, kb_count, layout)] = s.byte;
+      const uint32_t block = q / kThreadsPerBlockGroup;
+      const uint8_t byte = be.nan_block ? kE8M0Nan : static_cast<uint8_t>(be.exponent + kE8M0Bias);
+      if (layout == ScaleLayout::kLinear) {
+        scales[block] = byte;
+      } else {
+        const uint32_t r = kb_divisor.Divide(block);
+        scales[SwizzledOffset(r, block - r * kb_count, kb_count)] = byte;
+      }
     }
   }
   if (layout == ScaleLayout::kSwizzled128x4) {
-    // Zero the padding: rows < `rows` past column kb_count, then whole padded rows.
-    const int64_t tail_cols = padded_cols - kb_count;
-    const int64_t in_row_pad = rows * tail_cols;
-    const int64_t pad_total = in_row_pad + (padded_rows - rows) * padded_cols;
-    for (int64_t i = tid; i < pad_total; i += stride) {
-      int64_t r, c;
+    // Zero the padding: rows < `rows` past column kb_count, then whole padded
+    // rows (a few hundred bytes at most per 128 rows: plain division is fine).
+    const uint32_t tail_cols = padded_cols - kb_count;
+    const uint32_t in_row_pad = rows * tail_cols;
+    const uint32_t pad_total = in_row_pad + (padded_rows - rows) * padded_cols;
+    for (uint32_t i = tid; i < pad_total; i += stride) {
+      uint32_t r, c;
       if (i < in_row_pad) {
         r = i / tail_cols;
         c = kb_count + (i - r * tail_cols);
       } else {
-        const int64_t j = i - in_row_pad;
+        const uint32_t j = i - in_row_pad;
         r = rows + j / padded_cols;
         c = j % padded_cols;
       }
@@ -153,8 +215,9 @@ int SmCount() {
 template <typename Elem, typename Tag, InputDType kDType>
 void Launch(cudaStream_t stream, const void* x, uint8_t* packed, uint8_t* scales, int64_t rows,
             int64_t k, ScaleLayout layout, Rounding rounding, ScaleShape ss) {
-  const int64_t quarters = rows * (k / kBlockSize) * kThreadsPerBlockGroup;
-  const int64_t pad = layout == ScaleLayout::kSwizzled128x4 ? ss.rows * ss.cols - rows * (k / kBlockSize) : 0;
+  const int64_t kb_count = k / kBlockSize;
+  const int64_t quarters = rows * kb_count * kThreadsPerBlockGroup;
+  const int64_t pad = layout == ScaleLayout::kSwizzled128x4 ? ss.rows * ss.cols - rows * kb_count : 0;
   const int64_t work = quarters > pad ? quarters : pad;
   // 8 CTAs of 256 threads per SM keep every SM at full occupancy; beyond that
   // the grid-stride loop gives each thread more quarters.
@@ -163,7 +226,9 @@ void Launch(cudaStream_t stream, const void* x, uint8_t* packed, uint8_t* scales
   if (ctas > max_ctas) ctas = max_ctas;
   if (ctas < 1) ctas = 1;
   QuantizeKernel<Elem, Tag, kDType><<<static_cast<unsigned>(ctas), kCtaThreads, 0, stream>>>(
-      x, packed, scales, rows, k, layout, rounding, ss.rows, ss.cols);
+      x, packed, scales, static_cast<uint32_t>(rows), static_cast<uint32_t>(kb_count),
+      FastDivisor(static_cast<uint32_t>(kb_count)), layout, rounding, static_cast<uint32_t>(ss.rows),
+      static_cast<uint32_t>(ss.cols));
 }
 
 ffi::Error QuantizeCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,
@@ -189,6 +254,11 @@ ffi::Error QuantizeCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,
   if (static_cast<int64_t>(packed->element_count()) != rows * (k / 2) ||
       static_cast<int64_t>(scales->element_count()) != ss.rows * ss.cols) {
     return InvalidArgument("quantize: output sizes do not match x of shape " + ShapeString(dims));
+  }
+  // 32-bit indexing in the kernel: quarters of blocks and scale offsets.
+  if (rows * (k / kBlockSize) >= (int64_t{1} << 29) || ss.rows * ss.cols >= (int64_t{1} << 31)) {
+    return InvalidArgument("quantize: x of shape " + ShapeString(dims) +
+                           " has 2^29 or more 32-element blocks; split it into several calls");
   }
   if (rows == 0 || k == 0) {
     if (ss.rows * ss.cols > 0) cudaMemsetAsync(scales->typed_data(), 0, ss.rows * ss.cols, stream);

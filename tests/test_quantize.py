@@ -150,8 +150,7 @@ def assert_cuda_matches(x, scale_layout, rounding):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rounding", MODES)
 @pytest.mark.parametrize("scale_layout", LAYOUTS)
-@pytest.mark.parametrize("shape", [(1, 32), (1, 8192), (31, 64), (127, 2880), (128, 4096), (129, 160),
-                                   (200, 4128), (2, 100, 224), (4096, 1024)])
+@pytest.mark.parametrize("shape", [(1, 32), (1, 8192), (127, 2880), (129, 160), (200, 4128), (2, 100, 224)])
 def test_cuda_kernel_bit_exact(dtype, rounding, scale_layout, shape, rng):
     assert_cuda_matches(wide_random(rng, shape, DTYPES[dtype]), scale_layout, rounding)
 
