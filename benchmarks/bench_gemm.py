@@ -275,6 +275,12 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
         impls.append((impl, "ours", [(pw,) for pw in prepared], fn,
                       lambda x, fmt=fmt: reference.matmul_reference(x, *canon[0], activation_format=fmt,
                                                                     out_dtype=jnp.float32)))
+        if name == "marlin" and fmt is None:
+            # The Marlin kernel's large-M path (dequantize the prepared weights, then
+            # cuBLAS), timed beside it to measure the crossover (DENSE_FROM_TOKENS).
+            dense = jax.jit(get_kernel("marlin").dense_matmul)
+            impls.append(("marlin_dense", "variant", [(pw,) for pw in prepared], dense,
+                          lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
         kern = get_kernel(name)
         for m in ms:
             ok, why = kern.can_implement(LinearConfig(k, n, jnp.bfloat16, fmt, tokens=m))
@@ -285,6 +291,8 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
     cases = []
     for m in ms:
         for impl, role, wsets, fn, ref_fn in impls:
+            if role == "variant" and m < 64:
+                continue  # the dense path is only a candidate at large M
             if role == "ours":
                 kern = get_kernel(impl.removesuffix("_w4a4"))
                 fmt = "mxfp4" if impl.endswith("_w4a4") else None

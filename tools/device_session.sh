@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# What runs on the lent GPU machine (Python 3.12, jax 0.11.2 + CUDA plugin, no
+# network). The compiled extension comes in a wheel built on the dev machine
+# for that Python (`pip wheel --no-build-isolation --no-deps -w .devcarry .`
+# in a Python 3.12 venv with jax 0.11.2, nvcc on PATH), carried in .devcarry/;
+# `install` puts its _ext .so into this checkout's jax_mxfp4/, so the package,
+# tests and benchmarks all come from the same tree (PYTHONPATH=checkout).
+#
+#   tools/device_session.sh STAGE...     stages, in the order given:
+#     install     unpack the wheel's extension module into jax_mxfp4/
+#     info        GPU, driver, jax devices, kernel selection
+#     tests       pytest -m gpu: the GPU tests (the CPU suite is CI's job)
+#     tests:FILE  the GPU tests of one test file
+#     tests-cpu   the rest of the suite on the same machine
+#     selftest    build + run the standalone Marlin self-test (csrc/marlin), --quick
+#     selftest-full  the self-test's whole grid (correctness + timing of every config)
+#     sanitize    compute-sanitizer memcheck + racecheck: Marlin self-test --quick and
+#                 the JAX-driven kernels (tools/sanitizer_driver.py)
+#     bench-quick           benchmarks/run_all.sh --quick
+#     bench:NAMES           benchmarks/run_all.sh --only NAMES (e.g. bench:quantize,decode)
+# Logs and benchmark results collect in /tmp/session and are packed into
+# $OUT/session.tgz at the end (the device tool brings back a few files only).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+LOGS=/tmp/session
+mkdir -p "$OUT" "$LOGS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+status=0
+run() {  # run NAME CMD...: stream to stdout and $LOGS/NAME.log, remember failures, keep going
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  timeout -k 5 "${STAGE_TIMEOUT:-420}" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+  [ $rc -eq 0 ] || status=1
+}
+for stage in "$@"; do
+  case $stage in *=*) export "${stage?}"; continue ;; esac  # VAR=value sets e.g. STAGE_TIMEOUT
+  case $stage in
+    install)
+      run install python3 -c "import glob, zipfile; w = zipfile.ZipFile(glob.glob('.devcarry/jax_mxfp4-*-cp312-*.whl')[0]); [w.extract(n, '.') for n in w.namelist() if n.startswith('jax_mxfp4/_ext')]; print(w.namelist())" ;;
+    info)
+      run info bash -c 'nvidia-smi; python3 -c "import jax, jax_mxfp4; print(jax.__version__, jax.devices()); print(jax_mxfp4.explain_selection((16, 4096), jax.numpy.bfloat16, (4096, 4096)))"' ;;
+    tests) run tests_gpu pytest -v -rs -m gpu -p no:cacheprovider -o faulthandler_timeout=60 --durations=15 tests ;;
+    tests:*) run "tests_gpu_$(basename "${stage#tests:}" .py)" pytest -v -rs -m gpu -p no:cacheprovider \
+               -o faulthandler_timeout=60 --durations=10 "${stage#tests:}" ;;
+    tests-cpu) run tests_cpu pytest -q -rs -m "not gpu" -p no:cacheprovider tests ;;
+    selftest)
+      run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
+        csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
+      run selftest /tmp/marlin_selftest --quick ;;
+    selftest-full) run selftest_full /tmp/marlin_selftest ;;
+    sanitize)
+      [ -x /tmp/marlin_selftest ] || run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+        -Icsrc csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
+      run memcheck_marlin_selftest compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/marlin_selftest --quick
+      run racecheck_marlin_selftest compute-sanitizer --tool racecheck --error-exitcode 3 /tmp/marlin_selftest --quick
+      run memcheck_quantize tools/sanitize.sh memcheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
+      run racecheck_quantize tools/sanitize.sh racecheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
+      run memcheck_marlin_ffi tools/sanitize.sh memcheck Marlin python3 tools/sanitizer_driver.py marlin ;;
+    bench-quick) run bench_quick bash benchmarks/run_all.sh "$LOGS/results" --quick ;;
+    bench:*) run "bench_${stage#bench:}" bash benchmarks/run_all.sh "$LOGS/results" --only "${stage#bench:}" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
+tar czf "$OUT/session.tgz" -C "$LOGS" .
+exit $status

@@ -1,0 +1,51 @@
+"""Runs the package's CUDA kernels through JAX once per interesting case, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck --kernel-name kns=QuantizeKernel python tools/sanitizer_driver.py quantize
+    compute-sanitizer --tool memcheck --kernel-name kns=Marlin python tools/sanitizer_driver.py marlin
+
+Covers every rounding mode and scale layout of the quantize kernel (M = 1,
+odd M and K, swizzled padding) and the Marlin GEMM at M = 1, 7, 33, 129 and
+300 with N/K residues, split-K and both activation dtypes. XLA command buffers
+(CUDA graphs) are turned off so the sanitizer sees plain launches. Exits 0 and
+prints "sanitizer driver: N launches" when every call returned.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_gpu_enable_command_buffer=")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jax_mxfp4  # noqa: E402
+
+
+def main(which: str):
+    rng = np.random.default_rng(0)
+    launches = 0
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32) if which == "quantize" else ():
+        for rounding in ("floor", "rceil", "compressed_tensors"):
+            for layout in ("linear", "swizzled_128x4"):
+                for m, k in ((1, 32), (129, 160), (300, 2880)):
+                    x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+                    out = jax.jit(lambda v: jax_mxfp4.quantize_mxfp4(v, scale_layout=layout, rounding=rounding))(x)
+                    jax.block_until_ready(out)
+                    launches += 1
+    for dtype in (jnp.bfloat16, jnp.float16) if which == "marlin" else ():
+        for n, k in ((200, 4160), (5760, 2880), (96, 96), (1024, 2048)):
+            w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+            wp, ws = jax_mxfp4.quantize_mxfp4(w)
+            prepared = jax_mxfp4.prepare_weights(wp, ws, activation_dtype=dtype, kernel="marlin")
+            for m in (1, 7, 33, 129, 300):
+                x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+                jax.block_until_ready(jax.jit(jax_mxfp4.mxfp4_linear)(x, prepared))
+                launches += 1
+    print(f"sanitizer driver: {launches} launches")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] not in ("quantize", "marlin"):
+        sys.exit("usage: sanitizer_driver.py quantize|marlin")
+    main(sys.argv[1])
