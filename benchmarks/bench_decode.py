@@ -111,8 +111,12 @@ def rope(x, position: int, theta: float):
 
 
 def attention(q, k_new, v_new, k_cache, v_cache, cfg: Config):
-    """q [B, heads*hd], k/v_new [B, kv*hd], caches [B, C, kv, hd] -> [B, heads*hd]."""
-    import jax
+    """q [B, heads*hd], k/v_new [B, kv*hd], caches [B, kv, C, hd] -> [B, heads*hd].
+
+    The caches are stored in the layout both contractions read directly and
+    the new token is merged into the softmax without concatenating, so no
+    step copies or transposes a cache (a decode step reads each cache once).
+    """
     import jax.numpy as jnp
 
     b = q.shape[0]
@@ -122,12 +126,13 @@ def attention(q, k_new, v_new, k_cache, v_cache, cfg: Config):
     v_new = v_new.reshape(b, cfg.kv_heads, cfg.head_dim)
     qg = q.reshape(b, cfg.kv_heads, g, cfg.head_dim)
     scale = 1.0 / math.sqrt(cfg.head_dim)
-    s_cache = jnp.einsum("bkgd,bckd->bkgc", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    s_cache = jnp.einsum("bkgd,bkcd->bkgc", qg, k_cache, preferred_element_type=jnp.float32) * scale
     s_new = jnp.einsum("bkgd,bkd->bkg", qg, k_new, preferred_element_type=jnp.float32)[..., None] * scale
-    p = jax.nn.softmax(jnp.concatenate([s_cache, s_new], axis=-1), axis=-1)
-    o = jnp.einsum("bkgc,bckd->bkgd", p[..., :-1].astype(v_cache.dtype), v_cache,
-                   preferred_element_type=jnp.float32)
-    o = o + p[..., -1:] * v_new[:, :, None, :].astype(jnp.float32)
+    top = jnp.maximum(jnp.max(s_cache, axis=-1, keepdims=True), s_new)
+    e_cache, e_new = jnp.exp(s_cache - top), jnp.exp(s_new - top)
+    denom = jnp.sum(e_cache, axis=-1, keepdims=True) + e_new
+    o = jnp.einsum("bkgc,bkcd->bkgd", e_cache.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    o = (o + e_new * v_new[:, :, None, :].astype(jnp.float32)) / denom
     return o.reshape(b, cfg.heads * cfg.head_dim).astype(q.dtype)
 
 
@@ -236,7 +241,7 @@ def make_caches(cfg: Config, batch: int, key):
     import jax
     import jax.numpy as jnp
 
-    shape = (batch, cfg.cache_len, cfg.kv_heads, cfg.head_dim)
+    shape = (batch, cfg.kv_heads, cfg.cache_len, cfg.head_dim)  # the layout attention() reads
     return [(jax.random.normal(jax.random.fold_in(key, 2 * i), shape, jnp.bfloat16),
              jax.random.normal(jax.random.fold_in(key, 2 * i + 1), shape, jnp.bfloat16))
             for i in range(cfg.layers)]

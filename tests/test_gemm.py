@@ -101,3 +101,18 @@ def test_bad_inputs_raise_clear_errors(rng):
         jax_mxfp4.mxfp4_matmul(x, wp[None], ws)
     with pytest.raises(ValueError, match="needs linear scales"):
         jax_mxfp4.dequantize_mxfp4(wp, ws[:, :1])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_xla_fast_dequantize_is_exact_for_normal_values(dtype, rng):
+    """The xla kernel's dequantization equals the reference wherever values are >= 2**-126."""
+    from jax_mxfp4.kernels.xla import dequantize_fast
+
+    packed = jnp.asarray(rng.integers(0, 256, size=(64, 128), dtype=np.uint8))
+    scales = rng.integers(2, 255, size=(64, 8), dtype=np.uint8)
+    scales[0, :] = [2, 3, 127, 200, 252, 253, 254, 0xFF]
+    scales = jnp.asarray(scales)
+    got = np.asarray(dequantize_fast(packed, scales, DTYPES[dtype]).astype(jnp.float32))
+    want = np.asarray(reference.dequantize_reference(packed, scales, dtype=DTYPES[dtype]).astype(jnp.float32))
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
