@@ -14,6 +14,7 @@
 
 #include "ffi_common.h"
 #include "mxfp4.h"
+#include "quantize_args.h"
 #include "scale_layout.h"
 
 namespace jax_mxfp4 {
@@ -45,29 +46,15 @@ bool IsFloatInput(ffi::DataType dtype) {
 ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U8>> packed,
                         ffi::Result<ffi::Buffer<ffi::U8>> scales, int32_t scale_layout,
                         int32_t rounding) {
-  const auto dims = x.dimensions();
-  if (dims.size() == 0) return InvalidArgument("quantize: x must have at least one dimension");
-  if (!IsFloatInput(x.element_type())) {
-    return InvalidArgument("quantize: x must be float32, bfloat16 or float16");
+  QuantizeArgs args{};
+  if (ffi::Error err = CheckQuantizeArgs(x, packed->element_count(), scales->element_count(), scale_layout,
+                                         rounding, &args);
+      err.failure()) {
+    return err;
   }
-  if (scale_layout != static_cast<int32_t>(ScaleLayout::kLinear) &&
-      scale_layout != static_cast<int32_t>(ScaleLayout::kSwizzled128x4)) {
-    return InvalidArgument("quantize: unknown scale_layout " + std::to_string(scale_layout));
-  }
-  if (rounding < 0 || rounding > static_cast<int32_t>(Rounding::kCompressedTensors)) {
-    return InvalidArgument("quantize: unknown rounding " + std::to_string(rounding));
-  }
-  const int64_t k = dims.back();
-  const int64_t rows = LeadingRows(dims);
-  if (k % kBlockSize != 0) {
-    return InvalidArgument("quantize: K must be a multiple of 32, x has shape " + ShapeString(dims));
-  }
-  const auto layout = static_cast<ScaleLayout>(scale_layout);
-  const ScaleShape ss = GetScaleShape(rows, k, layout);
-  if (static_cast<int64_t>(packed->element_count()) != rows * (k / 2) ||
-      static_cast<int64_t>(scales->element_count()) != ss.rows * ss.cols) {
-    return InvalidArgument("quantize: output sizes do not match x of shape " + ShapeString(dims));
-  }
+  const int64_t k = args.k, rows = args.rows;
+  const ScaleLayout layout = args.layout;
+  const ScaleShape ss = args.scales;
   const int64_t kb_count = k / kBlockSize;
   uint8_t* packed_out = packed->typed_data();
   uint8_t* scales_out = scales->typed_data();
@@ -76,10 +63,8 @@ ffi::Error QuantizeImpl(ffi::AnyBuffer x, ffi::Result<ffi::Buffer<ffi::U8>> pack
   }
   const void* in = x.untyped_data();
   const ffi::DataType dtype = x.element_type();
-  const auto mode = static_cast<Rounding>(rounding);
-  const InputDType in_type = dtype == ffi::DataType::F32    ? InputDType::kF32
-                             : dtype == ffi::DataType::BF16 ? InputDType::kBF16
-                                                            : InputDType::kF16;
+  const Rounding mode = args.rounding;
+  const InputDType in_type = args.dtype;
   uint32_t bits[kBlockSize];
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t kb = 0; kb < kb_count; ++kb) {

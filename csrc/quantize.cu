@@ -23,6 +23,7 @@
 
 #include "ffi_common.h"
 #include "mxfp4.h"
+#include "quantize_args.h"
 #include "quantize_cuda.h"
 #include "scale_layout.h"
 
@@ -235,26 +236,16 @@ ffi::Error QuantizeCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,
                             ffi::Result<ffi::Buffer<ffi::U8>> packed,
                             ffi::Result<ffi::Buffer<ffi::U8>> scales, int32_t scale_layout,
                             int32_t rounding) {
+  QuantizeArgs args{};
+  if (ffi::Error err = CheckQuantizeArgs(x, packed->element_count(), scales->element_count(), scale_layout,
+                                         rounding, &args);
+      err.failure()) {
+    return err;
+  }
+  const int64_t k = args.k, rows = args.rows;
+  const ScaleLayout layout = args.layout;
+  const ScaleShape ss = args.scales;
   const auto dims = x.dimensions();
-  if (dims.size() == 0) return InvalidArgument("quantize: x must have at least one dimension");
-  if (scale_layout != static_cast<int32_t>(ScaleLayout::kLinear) &&
-      scale_layout != static_cast<int32_t>(ScaleLayout::kSwizzled128x4)) {
-    return InvalidArgument("quantize: unknown scale_layout " + std::to_string(scale_layout));
-  }
-  if (rounding < 0 || rounding > static_cast<int32_t>(Rounding::kCompressedTensors)) {
-    return InvalidArgument("quantize: unknown rounding " + std::to_string(rounding));
-  }
-  const int64_t k = dims.back();
-  const int64_t rows = LeadingRows(dims);
-  if (k % kBlockSize != 0) {
-    return InvalidArgument("quantize: K must be a multiple of 32, x has shape " + ShapeString(dims));
-  }
-  const auto layout = static_cast<ScaleLayout>(scale_layout);
-  const ScaleShape ss = GetScaleShape(rows, k, layout);
-  if (static_cast<int64_t>(packed->element_count()) != rows * (k / 2) ||
-      static_cast<int64_t>(scales->element_count()) != ss.rows * ss.cols) {
-    return InvalidArgument("quantize: output sizes do not match x of shape " + ShapeString(dims));
-  }
   // 32-bit indexing in the kernel: quarters of blocks and scale offsets.
   if (rows * (k / kBlockSize) >= (int64_t{1} << 29) || ss.rows * ss.cols >= (int64_t{1} << 31)) {
     return InvalidArgument("quantize: x of shape " + ShapeString(dims) +
@@ -263,7 +254,7 @@ ffi::Error QuantizeCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,
   if (rows == 0 || k == 0) {
     if (ss.rows * ss.cols > 0) cudaMemsetAsync(scales->typed_data(), 0, ss.rows * ss.cols, stream);
   } else {
-    const auto mode = static_cast<Rounding>(rounding);
+    const Rounding mode = args.rounding;
     switch (x.element_type()) {
       case ffi::DataType::F32:
         Launch<float, void, InputDType::kF32>(stream, x.untyped_data(), packed->typed_data(),

@@ -82,6 +82,23 @@ def test_dense_path_matches_reference(dtype, n, k, rng):
     check_against_reference(jax.jit(kernel.dense_matmul)(x, prepared), x, wp, ws)
 
 
+def test_large_m_runs_the_dense_path(rng):
+    """From DENSE_FROM_TOKENS rows on (a measured crossover) the layer is dequantize + dot."""
+    from jax_mxfp4.kernels import marlin
+
+    assert marlin.DENSE_FROM_TOKENS is not None
+    wp, ws = random_weights(rng, 64, 128)
+    kernel = kernels.get_kernel("marlin")
+    prepared = kernel.prepare_weights(wp, ws, LinearConfig(128, 64))
+
+    def primitives(m):
+        jaxpr = jax.make_jaxpr(kernel.matmul)(jax.ShapeDtypeStruct((m, 128), jnp.bfloat16), prepared)
+        return {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+    assert "mxfp4_marlin_gemm" in primitives(marlin.DENSE_FROM_TOKENS - 1)
+    assert "mxfp4_marlin_gemm" not in primitives(marlin.DENSE_FROM_TOKENS)
+
+
 def test_abstract_eval_of_the_kernel_call(rng):
     wp, ws = random_weights(rng, 200, 4160)
     kernel = kernels.get_kernel("marlin")

@@ -55,16 +55,23 @@ def test_million_random_blocks(rounding, rng):
     assert_quantize_matches(x, "linear", rounding)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_special_values_through_handler(dtype):
+def special_value_rows(dtype: str, rows: int, k: int, seed: int) -> np.ndarray:
+    """``rows`` random rows of special values (zeros of both signs, NaN, +-Inf, the
+    dtype's subnormal/normal extremes, every E2M1 tie) plus an all-zero and an
+    all-negative-zero row."""
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype).type
     finfo = ml_dtypes.finfo(np_dtype)
     specials = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), float(finfo.smallest_subnormal),
                 -float(finfo.smallest_subnormal), float(finfo.smallest_normal), float(finfo.max), -float(finfo.max),
                 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, -0.1]
-    rng = np.random.default_rng(1)
-    rows = [rng.choice(specials, size=32) for _ in range(64)] + [[0.0] * 32, [-0.0] * 32]
-    x = np.array(rows, np.float64).astype(np_dtype)
+    rng = np.random.default_rng(seed)
+    values = [rng.choice(specials, size=k) for _ in range(rows)] + [[0.0] * k, [-0.0] * k]
+    return np.array(values, np.float64).astype(np_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_special_values_through_handler(dtype):
+    x = special_value_rows(dtype, rows=64, k=32, seed=1)
     for rounding in MODES:
         for scale_layout in LAYOUTS:
             assert_quantize_matches(x, scale_layout, rounding)
@@ -166,14 +173,7 @@ def test_cuda_million_random_blocks(rounding, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_special_values(dtype):
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype).type
-    finfo = ml_dtypes.finfo(np_dtype)
-    specials = [0.0, -0.0, float("nan"), float("inf"), -float("inf"), float(finfo.smallest_subnormal),
-                -float(finfo.smallest_subnormal), float(finfo.smallest_normal), float(finfo.max), -float(finfo.max),
-                0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, -0.1]
-    rng = np.random.default_rng(2)
-    rows = [rng.choice(specials, size=64) for _ in range(300)] + [[0.0] * 64, [-0.0] * 64]
-    x = np.array(rows, np.float64).astype(np_dtype)
+    x = special_value_rows(dtype, rows=300, k=64, seed=2)
     for rounding in MODES:
         for scale_layout in LAYOUTS:
             assert_cuda_matches(x, scale_layout, rounding)

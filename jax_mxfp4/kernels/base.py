@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax_mxfp4.formats import Rounding, parse_rounding
 
 __all__ = [
+    "CanonicalLayoutKernel",
     "KERNEL_ENV_VAR",
     "KernelSelection",
     "KernelUnavailableError",
@@ -141,6 +142,17 @@ class Mxfp4LinearKernel(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"
+
+
+class CanonicalLayoutKernel(Mxfp4LinearKernel):
+    """A kernel that reads the checkpoint layout as is (packed ``[N, K/2]``,
+    linear scales ``[N, K/32]``) and accepts every layer shape."""
+
+    def can_implement(self, config: LinearConfig) -> tuple[bool, str]:
+        return True, ""
+
+    def prepare_weights(self, w_packed, w_scales, config: LinearConfig) -> PreparedWeights:
+        return PreparedWeights({"packed": w_packed, "scales": w_scales}, self.name, config)
 
 
 def fake_quantize_activations(x, rounding):

@@ -30,10 +30,14 @@ from jax_mxfp4.primitives import marlin_gemm
 
 __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
 
-#: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM.
-#: None: always the Marlin kernel (no measurement has shown the dense path
-#: faster yet).
-DENSE_FROM_TOKENS: int | None = None
+#: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM
+#: (``dense_matmul``); None: always the Marlin kernel. Measured on an H100
+#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, commit 0f3f2ff, rows
+#: "marlin" and "marlin_dense"): at M = 1024 the kernel is faster on all six
+#: benchmark shapes (e.g. 8192x28672: 1547 vs 3079 us), at M = 4096 the dense
+#: path is faster on all six (8192x28672: 4927 vs 6265 us; 14336x4096: 1008 vs
+#: 1522 us); no M in between was measured, so the switch is at 4096.
+DENSE_FROM_TOKENS: int | None = 4096
 
 # SM count used when the device cannot be queried at trace time (e.g. tracing
 # on a CPU host for a GPU): any value is correct, the device's own is fastest.

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_mxfp4.formats import BLOCK_SIZE, E8M0_NAN
-from jax_mxfp4.kernels.base import LinearConfig, Mxfp4LinearKernel, PreparedWeights, register_kernel
+from jax_mxfp4.kernels.base import CanonicalLayoutKernel, PreparedWeights, register_kernel
 
 __all__ = ["XlaDequantKernel", "dequantize_fast"]
 
@@ -45,18 +45,12 @@ def dequantize_fast(packed, scales, dtype):
 
 
 @register_kernel
-class XlaDequantKernel(Mxfp4LinearKernel):
+class XlaDequantKernel(CanonicalLayoutKernel):
     name = "xla"
     description = "XLA: jnp dequantize, then jnp.dot (any device)"
 
     def is_supported(self, device):
         return True, ""
-
-    def can_implement(self, config: LinearConfig):
-        return True, ""
-
-    def prepare_weights(self, w_packed, w_scales, config: LinearConfig) -> PreparedWeights:
-        return PreparedWeights({"packed": w_packed, "scales": w_scales}, self.name, config)
 
     def matmul(self, x, weights: PreparedWeights):
         w = dequantize_fast(weights.arrays["packed"], weights.arrays["scales"], x.dtype)
