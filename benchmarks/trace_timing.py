@@ -1,0 +1,315 @@
+"""Device time from a JAX profiler trace (pure: works on any ``jax.profiler.ProfileData``).
+
+``extract_device_events`` reads the device plane's activity (GPU kernels,
+memcpys, memsets, graphs; on CPU, XLA op events); ``assign_group_events``
+assigns a group trace's events to its cases (annotation windows, checked
+against the inserted idle gaps); ``device_timing`` splits one case's events
+into its calls and sums them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import statistics
+import warnings
+from typing import Any, Sequence
+
+from benchmarks.common import ANNOTATION_PREFIX, summarize
+
+
+# Device-plane lines that are derived summaries, never raw activity.
+_DERIVED_LINES = (
+    "XLA Modules", "XLA Ops", "Steps", "Framework Ops", "Framework Name Scope", "Source code",
+    "XLA TraceMe", "TensorFlow Ops", "TensorFlow Name Scope", "Async XLA Ops", "Launch Stats",
+    "CUPTI overhead", "_counters_", "Counters", "SparseCore",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceEvent:
+    name: str
+    start_ns: float
+    end_ns: float
+    kind: str  # kernel | memcpy | memset | graph | other | op (CPU)
+    line: str = ""
+
+    @property
+    def duration_ns(self) -> float:
+        return self.end_ns - self.start_ns
+
+
+def _stat_names(event) -> set[str]:
+    names = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for item in event.stats:
+            if item and item[0] is not None:
+                names.add(item[0])
+    return names
+
+
+def _is_derived_line(name: str) -> bool:
+    return any(name.startswith(d) for d in _DERIVED_LINES)
+
+
+def _classify_gpu_event(name: str, stats: set[str]) -> str:
+    low = name.lower()
+    if "memcpy_details" in stats or low.startswith("memcpy"):
+        return "memcpy"
+    if "memset_details" in stats or low.startswith("memset"):
+        return "memset"
+    if "kernel_details" in stats:
+        return "kernel"
+    if "cuda_graph_exec_id" in stats:
+        return "graph"
+    return "other"
+
+
+def describe_planes(profile_data) -> dict[str, list[str]]:
+    """{plane name: [line names]}: printed when no device events are found."""
+    return {p.name: [ln.name for ln in p.lines] for p in profile_data.planes}
+
+
+def extract_device_events(profile_data, platform: str) -> tuple[list[DeviceEvent], dict]:
+    """Device activity events of a trace, and diagnostics.
+
+    GPU (``platform`` 'gpu'/'cuda'/'rocm'): every event on the ``Stream #..``
+    lines of planes ``/device:GPU:<n>`` (if a plane has no such line, all its
+    non-derived lines, with a warning). CPU: XLA op events (stat ``hlo_op``)
+    on ``/host:CPU``.
+    """
+    diag: dict[str, Any] = {"warnings": [], "device_planes": [], "lines_used": []}
+    events: list[DeviceEvent] = []
+    planes = list(profile_data.planes)
+    if platform == "cpu":
+        for plane in planes:
+            if plane.name != "/host:CPU":
+                continue
+            diag["device_planes"].append(plane.name)
+            for line in plane.lines:
+                for ev in line.events:
+                    if ev.duration_ns <= 0 or ev.name.startswith("end: "):
+                        continue
+                    if "hlo_op" not in _stat_names(ev):
+                        continue
+                    events.append(DeviceEvent(ev.name, ev.start_ns, ev.end_ns, "op", line.name))
+        return events, diag
+    prefix = "/device:GPU:" if platform in ("gpu", "cuda", "rocm") else "/device:"
+    for plane in planes:
+        if not plane.name.startswith(prefix):
+            continue
+        diag["device_planes"].append(plane.name)
+        lines = list(plane.lines)
+        used = [ln for ln in lines if ln.name.startswith("Stream #")]
+        if not used:
+            used = [ln for ln in lines if not _is_derived_line(ln.name)]
+            if used:
+                diag["warnings"].append(
+                    f"plane {plane.name} has no 'Stream #' lines; using lines {[ln.name for ln in used]}")
+        for line in used:
+            diag["lines_used"].append(f"{plane.name}:{line.name}")
+            for ev in line.events:
+                if ev.duration_ns <= 0:
+                    continue
+                kind = _classify_gpu_event(ev.name, _stat_names(ev))
+                events.append(DeviceEvent(ev.name, ev.start_ns, ev.end_ns, kind, line.name))
+    return events, diag
+
+
+def timing_kinds(events: Sequence[DeviceEvent]) -> tuple[str, ...]:
+    """Which event kinds make up 'device time' in this trace.
+
+    Kernels (events with ``kernel_details``) when there are any; else CUDA
+    graph events; else unclassified activity; on CPU, op events.
+    """
+    kinds = {e.kind for e in events}
+    for k in ("op", "kernel", "graph", "other"):
+        if k in kinds:
+            return (k,)
+    return ()
+
+
+def extract_annotations(profile_data, prefix: str = ANNOTATION_PREFIX) -> dict[str, tuple[float, float]]:
+    """{annotation name: (start_ns, end_ns)} of host events whose name starts with ``prefix``."""
+    out: dict[str, tuple[float, float]] = {}
+    for plane in profile_data.planes:
+        if not plane.name.startswith("/host:"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                if ev.name.startswith(prefix) and ev.name not in out:
+                    out[ev.name] = (ev.start_ns, ev.end_ns)
+    return out
+
+
+def split_at_largest_gaps(events: Sequence[DeviceEvent], n: int) -> list[list[DeviceEvent]] | None:
+    """Splits time-sorted events into ``n`` groups at the ``n-1`` largest idle gaps."""
+    evs = sorted(events, key=lambda e: e.start_ns)
+    if n <= 0 or len(evs) < n:
+        return None
+    if n == 1:
+        return [evs]
+    gaps = []
+    running_end = evs[0].end_ns
+    for i in range(1, len(evs)):
+        gaps.append((evs[i].start_ns - running_end, i))
+        running_end = max(running_end, evs[i].end_ns)
+    cuts = sorted(i for _, i in sorted(gaps, reverse=True)[: n - 1])
+    groups, prev = [], 0
+    for c in cuts:
+        groups.append(evs[prev:c])
+        prev = c
+    groups.append(evs[prev:])
+    return groups
+
+
+def split_calls(events: Sequence[DeviceEvent], n_calls: int) -> tuple[list[list[DeviceEvent]] | None, str]:
+    """Splits one case's events into its ``n_calls`` calls.
+
+    'chunk': the count divides evenly and every chunk has the same kernel
+    sequence (the usual case: one jitted program, calls serialized).
+    'gaps': otherwise, at the largest idle gaps (calls are separated by host
+    dispatch, kernels of one call are back to back).
+    """
+    evs = sorted(events, key=lambda e: e.start_ns)
+    if len(evs) < n_calls or n_calls <= 0:
+        return None, f"{len(evs)} events for {n_calls} calls"
+    if len(evs) % n_calls == 0:
+        k = len(evs) // n_calls
+        chunks = [evs[i * k:(i + 1) * k] for i in range(n_calls)]
+        names0 = collections.Counter(e.name for e in chunks[0])
+        if all(collections.Counter(e.name for e in c) == names0 for c in chunks):
+            return chunks, "chunk"
+    return split_at_largest_gaps(evs, n_calls), "gaps"
+
+
+def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int = 1,
+                  kinds: Sequence[str] = ("kernel",)) -> dict:
+    """Per-call device time of one case from its events (``n_calls`` includes ``drop_first``).
+
+    Returns {time_us: summarize(sum of durations per call), span_us (median
+    first-start..last-end per call), kernels_per_call, kernels: [{name,
+    median_us}] (when every call ran the same sequence), memcpy_us_per_call,
+    memset_us_per_call, method, error}.
+    """
+    timed = [e for e in events if e.kind in kinds]
+    out: dict[str, Any] = {
+        "time_us": None, "span_us": None, "kernels_per_call": None, "kernels": [],
+        "memcpy_us_per_call": sum(e.duration_ns for e in events if e.kind == "memcpy") / 1e3 / n_calls,
+        "memset_us_per_call": sum(e.duration_ns for e in events if e.kind == "memset") / 1e3 / n_calls,
+        "memcpys_per_call": sum(1 for e in events if e.kind == "memcpy") / n_calls,
+        "memsets_per_call": sum(1 for e in events if e.kind == "memset") / n_calls,
+        "method": None, "error": None,
+    }
+    calls, method = split_calls(timed, n_calls)
+    if calls is None:
+        out["error"] = f"cannot split device events into calls: {method}"
+        return out
+    calls = calls[drop_first:]
+    out["method"] = method
+    out["time_us"] = summarize(sum(e.duration_ns for e in c) / 1e3 for c in calls)
+    spans = [(max(e.end_ns for e in c) - min(e.start_ns for e in c)) / 1e3 for c in calls if c]
+    out["span_us"] = statistics.median(spans) if spans else None
+    counts = [len(c) for c in calls]
+    out["kernels_per_call"] = int(statistics.median(counts))
+    if len(set(counts)) > 1:
+        out["error"] = f"calls ran different numbers of kernels: {sorted(set(counts))}"
+    # Per kernel name: launches per call and median total time per call (first call's order).
+    order = list(dict.fromkeys(e.name for e in calls[0]))
+    per_call = [collections.defaultdict(float) for _ in calls]
+    for acc, c in zip(per_call, calls):
+        for e in c:
+            acc[e.name] += e.duration_ns / 1e3
+    first = collections.Counter(e.name for e in calls[0])
+    rows = [{"name": name[:160], "count": first[name], "median_us": statistics.median(a[name] for a in per_call)}
+            for name in order]
+    rows.sort(key=lambda r: -r["median_us"])
+    out["kernels"] = rows[:32]
+    return out
+
+
+def _gap_groups(timed: Sequence[DeviceEvent], n: int, gap_ns: float) -> tuple[list | None, str]:
+    groups = split_at_largest_gaps(timed, n)
+    if groups is None:
+        return None, f"{len(timed)} device events for {n} cases"
+    for a, b in zip(groups, groups[1:]):
+        gap = b[0].start_ns - max(e.end_ns for e in a)
+        if gap < 0.5 * gap_ns:
+            return None, (f"a boundary gap is {gap / 1e3:.0f} us but the inserted idle gaps are "
+                          f"{gap_ns / 1e3:.0f} us (a case has a long internal pause?)")
+    return groups, ""
+
+
+def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns: float
+                        ) -> tuple[dict[str, list[DeviceEvent]] | None, dict]:
+    """Assigns a group trace's device events to its cases (annotation ``keys``, in run order).
+
+    Two independent methods: the host annotation windows (tolerance 0.4 x
+    gap; needs the host and device clocks aligned, which XLA's CUPTI
+    collector does) and the idle gaps inserted between cases (needs every
+    pause inside a case to be shorter than half the inserted gap). When both
+    work they must agree, else the gaps win with a warning (a clock offset
+    would shift events into a neighbour's window). Returns ({key: events},
+    diagnostics) or (None, diagnostics) with ``diag['error']`` set.
+    """
+    events, diag = extract_device_events(profile_data, platform)
+    kinds = timing_kinds(events)
+    diag["timing_kinds"] = list(kinds)
+    diag["n_events"] = len(events)
+    timed = sorted((e for e in events if e.kind in kinds), key=lambda e: e.start_ns)
+    if not timed:
+        diag["error"] = ("no device events in the trace (is CUPTI available to the JAX profiler?); "
+                         f"planes and lines: {json.dumps(describe_planes(profile_data))[:4000]}")
+        return None, diag
+    others = [e for e in events if e.kind not in kinds]
+
+    by_ann = None
+    windows = extract_annotations(profile_data)
+    missing = [k for k in keys if k not in windows]
+    if missing:
+        diag["warnings"].append(f"annotations missing from the host plane: {missing[:5]}")
+    else:
+        tol = 0.4 * gap_ns
+        by_ann = {k: [] for k in keys}
+        for e in events:
+            # The window holding the event's start, else the nearest one within the tolerance.
+            dist = {k: max(windows[k][0] - e.start_ns, e.start_ns - windows[k][1], 0.0) for k in keys}
+            k = min(keys, key=lambda k: dist[k])
+            if dist[k] <= tol:
+                by_ann[k].append(e)
+        n_in = sum(1 for k in keys for e in by_ann[k] if e.kind in kinds)
+        if n_in < 0.99 * len(timed) or not all(any(e.kind in kinds for e in by_ann[k]) for k in keys):
+            diag["warnings"].append(f"annotation windows hold {n_in}/{len(timed)} device events "
+                                    "(host/device clocks misaligned?)")
+            by_ann = None
+
+    groups, why = _gap_groups(timed, len(keys), gap_ns)
+    by_gap = None
+    if groups is not None:
+        by_gap = {}
+        for k, g in zip(keys, groups):
+            lo, hi = g[0].start_ns, max(e.end_ns for e in g)
+            by_gap[k] = list(g) + [e for e in others if lo <= e.start_ns <= hi]
+    elif by_ann is None:
+        diag["error"] = f"cannot assign device events to cases: no usable annotations, and by idle gaps: {why}"
+        return None, diag
+
+    def ids(assign, k):
+        return {(e.start_ns, e.name) for e in assign[k] if e.kind in kinds}
+
+    if by_ann is not None and by_gap is not None:
+        if all(ids(by_ann, k) == ids(by_gap, k) for k in keys):
+            diag["assignment"] = "annotation=gaps"
+            return by_ann, diag
+        diag["warnings"].append("annotation windows and idle gaps disagree on which events belong to which "
+                                "case; using the idle gaps")
+        diag["assignment"] = "gaps"
+        return by_gap, diag
+    if by_ann is not None:
+        diag["warnings"].append(f"idle gaps could not confirm the annotation windows: {why}")
+        diag["assignment"] = "annotation"
+        return by_ann, diag
+    diag["assignment"] = "gaps"
+    return by_gap, diag
