@@ -21,7 +21,6 @@ MXFP4 / bf16 ratio. Target: batch 1 >= 2.5x bf16 tokens/s.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -34,15 +33,12 @@ MATCH = ("batch", "layers", "cache_len")
 TABLE = {
     "row_params": list(MATCH),
     "columns": [
-        {"kind": "time", "label": "bf16 step (us, wall)", "impl": "bf16", "field": "wall"},
-        {"kind": "time", "label": "mxfp4 step (us, wall)", "impl": "mxfp4", "field": "wall"},
-        {"kind": "ratio", "label": "mxfp4 vs bf16 (wall)", "impl": "mxfp4", "baseline": "bf16", "field": "wall"},
-        {"kind": "time", "label": "bf16 step (us, device)", "impl": "bf16"},
-        {"kind": "time", "label": "mxfp4 step (us, device)", "impl": "mxfp4"},
-        {"kind": "ratio", "label": "mxfp4 vs bf16 (device)", "impl": "mxfp4", "baseline": "bf16"},
-        {"kind": "metric", "label": "bf16 tok/s", "impl": "bf16", "metric": "tokens_per_s", "fmt": "{:.0f}"},
-        {"kind": "metric", "label": "mxfp4 tok/s", "impl": "mxfp4", "metric": "tokens_per_s", "fmt": "{:.0f}"},
-        {"kind": "metric", "label": "mxfp4 kernels/step", "impl": "mxfp4", "metric": "kernels", "fmt": "{:.0f}"},
+        *(H.time_col(f"{v} step (us, wall)", v, field="wall") for v in ("bf16", "mxfp4")),
+        H.ratio_col("mxfp4 vs bf16 (wall)", "mxfp4", "bf16", field="wall"),
+        *(H.time_col(f"{v} step (us, device)", v) for v in ("bf16", "mxfp4")),
+        H.ratio_col("mxfp4 vs bf16 (device)", "mxfp4", "bf16"),
+        *(H.metric_col(f"{v} tok/s", v, "tokens_per_s", "{:.0f}") for v in ("bf16", "mxfp4")),
+        H.metric_col("mxfp4 kernels/step", "mxfp4", "kernels", "{:.0f}"),
     ],
     "note": "tokens/s = batch / median wall time of one jitted decode step",
 }
@@ -324,9 +320,7 @@ def postprocess(res: dict) -> dict:
     return res
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    H.add_common_args(ap)
+def add_args(ap) -> None:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; --quick 8)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 1,16)")
     ap.add_argument("--cache-len", type=int, default=None, help="KV cache length attended to (default 1024)")
@@ -335,9 +329,16 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused", action="store_true", help="separate q/k/v and gate/up projections")
     ap.add_argument("--lm-head", action="store_true", help="add a bf16 LM head (vocab 128256) to both variants")
     ap.add_argument("--variants", default="bf16,mxfp4")
-    args = ap.parse_args(argv)
-    s = H.init_platform(args)
-    t_start = time.time()
+
+
+def describe(c: H.Case, rec: dict) -> str:
+    return (f"  {c.impl:6s} batch {c.params['batch']:3d}: wall {H.fmt_time_us((rec['wall_time_us'] or {}).get('median'))} us, "
+            f"device {H.fmt_time_us((rec['device_time_us'] or {}).get('median'))} us, kernels/step "
+            f"{rec['kernels_per_call']}, compile {rec['compile_s'] or 0:.1f}s")
+
+
+def main(argv=None) -> int:
+    args, s, t_start = H.start(__doc__, add_args, argv)
     import jax
 
     import jax_mxfp4
@@ -352,7 +353,7 @@ def main(argv=None) -> int:
     if not args.cpu_smoke:
         s.trace_iters = args.trace_iters or 5
         s.wall_budget_s = 0.5
-    bench = BENCH + ("-quick" if args.quick else "") + ("-cpu-smoke" if args.cpu_smoke else "")
+    bench = H.bench_name(BENCH, args)
     result = H.new_result(bench, s, TABLE)
     result["params"] = {**dataclasses.asdict(cfg), "batches": batches, "mode": args.mode, "fused": fused,
                         "lm_head": args.lm_head}
@@ -403,27 +404,14 @@ def main(argv=None) -> int:
                 chk = layer_check(cfg, canon0, kernel, fused, make_caches(dataclasses.replace(cfg, layers=1), 1, key), key)
                 for c in cases:
                     c.check_result = dict(c.check_result or {}, layer0=chk)
-            for c in cases:
-                rec = H.case_record(c)
-                result["cases"].append(rec)
-                if c.error:
-                    result["errors"].append(f"{c.label()}: {c.error[:500]}")
-                H.log(f"  {variant:6s} batch {c.params['batch']:3d}: wall {H.fmt_time_us((rec['wall_time_us'] or {}).get('median'))} us, "
-                      f"device {H.fmt_time_us((rec['device_time_us'] or {}).get('median'))} us, kernels/step "
-                      f"{rec['kernels_per_call']}, compile {rec['compile_s'] or 0:.1f}s")
+            H.record_cases(result, cases, describe)
             del cases, layers, step
             jax.clear_caches()
-            if not args.ncu_worker:
-                H.finish(result, args, postprocess=postprocess, final=False)
-    if args.ncu_worker:
-        return 1 if result["errors"] else 0
-    result["elapsed_s"] = time.time() - t_start
-    H.finish(result, args, postprocess=postprocess,
-             plot={"x": "batch", "panels": ["layers", "cache_len"], "field": "wall", "ylabel": "step time, wall (us)"})
-    H.log(f"\ndecode benchmark done in {time.time() - t_start:.0f}s")
-    if result.get("interrupted"):
-        return 130
-    return 1 if result["errors"] else 0
+            H.checkpoint(result, args, postprocess)
+    return H.conclude(result, args, t_start, name="decode", postprocess=postprocess,
+                      plot={"x": "batch", "panels": ["layers", "cache_len"], "field": "wall",
+                            "ylabel": "step time, wall (us)"},
+                      failed=lambda r: bool(r["errors"]))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ implementation is compared with a float32 reference on fresh random data
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -354,21 +353,21 @@ def postprocess(res: dict) -> dict:
 
 
 def make_table(ours: Sequence[str]) -> dict:
-    cols = [{"kind": "time", "label": f"{b} (us)", "impl": b} for b in BASELINES]
+    cols = [H.time_col(f"{b} (us)", b) for b in BASELINES]
     for o in ours:
-        cols.append({"kind": "time", "label": f"{o} (us)", "impl": o})
+        cols.append(H.time_col(f"{o} (us)", o))
     for o in ours:
         cols += [
-            {"kind": "ratio", "label": f"{o} vs bf16", "impl": o, "baseline": "bf16"},
-            {"kind": "ratio", "label": f"{o} vs xla_mxfp4", "impl": o, "baseline": "xla_mxfp4"},
-            {"kind": "ratio", "label": f"{o} vs int4_pc", "impl": o, "baseline": "int4_pc"},
-            {"kind": "metric", "label": f"{o} weight BW %", "impl": o, "metric": "weight_bw_pct", "fmt": "{:.0f}%"},
-            {"kind": "metric", "label": f"{o} TFLOP/s", "impl": o, "metric": "tflops", "fmt": "{:.1f}"},
+            H.ratio_col(f"{o} vs bf16", o, "bf16"),
+            H.ratio_col(f"{o} vs xla_mxfp4", o, "xla_mxfp4"),
+            H.ratio_col(f"{o} vs int4_pc", o, "int4_pc"),
+            H.metric_col(f"{o} weight BW %", o, "weight_bw_pct", "{:.0f}%"),
+            H.metric_col(f"{o} TFLOP/s", o, "tflops", "{:.1f}"),
         ]
     if not ours:
         cols += [
-            {"kind": "ratio", "label": "xla_mxfp4 vs bf16", "impl": "xla_mxfp4", "baseline": "bf16"},
-            {"kind": "ratio", "label": "int4_pc vs bf16", "impl": "int4_pc", "baseline": "bf16"},
+            H.ratio_col("xla_mxfp4 vs bf16", "xla_mxfp4", "bf16"),
+            H.ratio_col("int4_pc vs bf16", "int4_pc", "bf16"),
         ]
     return {"row_params": list(MATCH), "columns": cols,
             "note": "median device time per call (sum of kernel durations); ratios are speedups (>1: faster)"}
@@ -426,75 +425,27 @@ def targets(res: dict) -> list[dict]:
 
 # ---------------------------------------------------------------------------
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    H.add_common_args(ap)
+def add_args(ap) -> None:
     ap.add_argument("--shapes", default=None, help="comma-separated KxN, e.g. 8192x8192,8192x28672")
     ap.add_argument("--ms", default=None, help="comma-separated M values")
     ap.add_argument("--kernels", default=None,
                     help=f"our kernels to time (default: {', '.join(DEFAULT_OURS)} + every registered non-xla kernel)")
     ap.add_argument("--check-m", type=int, default=16, help="M of the correctness spot check per shape")
-    ap.add_argument("--copy-mib", type=float, default=None, help="size of the bandwidth-ceiling copy (MiB read)")
-    args = ap.parse_args(argv)
-    s = H.init_platform(args)
-    t_start = time.time()
-    import jax
+    H.add_copy_mib_arg(ap)
 
-    if args.cpu_smoke:
-        shapes, ms = SMOKE_SHAPES, SMOKE_MS
-    elif args.quick:
-        shapes, ms = QUICK_SHAPES, QUICK_MS
-    else:
-        shapes, ms = FULL_SHAPES, FULL_MS
-    shapes = H.parse_shapes(args.shapes) or shapes
-    ms = H.parse_int_list(args.ms) or ms
-    bench = BENCH + ("-quick" if args.quick else "") + ("-cpu-smoke" if args.cpu_smoke else "")
-    result = H.new_result(bench, s, make_table([]))
-    result["params"] = {"shapes": [list(x) for x in shapes], "M": ms}
-    result["skipped"] = []
-    H.log(f"kernels considered as ours: {ours_kernels(args, s.platform)}")
 
-    if not args.ncu_worker:
-        copy_mib = args.copy_mib or (16 if s.platform == "cpu" else 1024)
-        result["copy_bandwidth"] = H.measure_copy_bandwidth(s, int(copy_mib * H.MIB))
+def describe(c: H.Case, rec: dict) -> str:
+    t, fb = H.case_time_us(rec)
+    hlo = ""
+    if c.hlo_info:
+        hlo = f"  hlo: fused={c.hlo_info.get('convert_fused_into_gemm')} backend={c.hlo_info.get('gemm_backend')}"
+    return (f"  {c.impl:14s} M={c.params['M']:5d}  device {H.fmt_time_us(t):>8s} us{' (wall)' if fb else ''}"
+            f"  wall {H.fmt_time_us((rec['wall_time_us'] or {}).get('median')):>8s} us  kernels "
+            f"{rec['kernels_per_call']}  compile {rec['compile_s'] or 0:.2f}s{hlo}")
 
-    with H.interruptible(result):
-        last_group_s = 0.0
-        for gi, (k, n) in enumerate(shapes):
-            elapsed = time.time() - t_start
-            if args.budget_s and elapsed + last_group_s > args.budget_s:
-                msg = (f"budget {args.budget_s:.0f}s reached after {elapsed:.0f}s: skipped shapes "
-                       f"{['%dx%d' % sh for sh in shapes[gi:]]}; rerun them with --shapes ... --merge")
-                H.loud(msg)
-                result["errors"].append(msg)
-                break
-            t0 = time.time()
-            H.log(f"\n--- K={k} N={n}: M in {ms}")
-            cases = build_shape_cases(k, n, ms, s, args, seed=5000 + 31 * gi, skipped=result["skipped"])
-            H.run_cases(cases, s, group_name=f"{bench}-{k}x{n}")
-            for c in cases:
-                rec = H.case_record(c)
-                result["cases"].append(rec)
-                if c.error:
-                    result["errors"].append(f"{c.label()}: {c.error[:500]}")
-                t, fb = H.case_time_us(rec)
-                hlo = ""
-                if c.hlo_info:
-                    hlo = f"  hlo: fused={c.hlo_info.get('convert_fused_into_gemm')} backend={c.hlo_info.get('gemm_backend')}"
-                H.log(f"  {c.impl:14s} M={c.params['M']:5d}  device {H.fmt_time_us(t):>8s} us{' (wall)' if fb else ''}"
-                      f"  wall {H.fmt_time_us((rec['wall_time_us'] or {}).get('median')):>8s} us  kernels "
-                      f"{rec['kernels_per_call']}  compile {rec['compile_s'] or 0:.2f}s{hlo}")
-            del cases
-            jax.clear_caches()
-            last_group_s = time.time() - t0
-            compile_total = sum(r["compile_s"] or 0 for r in result["cases"]
-                                if r["params"].get("K") == k and r["params"].get("N") == n)
-            H.log(f"--- K={k} N={n} took {last_group_s:.0f}s, {compile_total:.0f}s of it compiling "
-                  f"(total {time.time() - t_start:.0f}s)")
-            if not args.ncu_worker:
-                H.finish(result, args, postprocess=postprocess, final=False)
-    if args.ncu_worker:
-        return 1 if result["errors"] else 0
+
+def note_int4_fusion(result: dict) -> None:
+    """Logs and records in how many int4_pc cases XLA fused the int4 -> bf16 convert into the GEMM."""
     int4 = [c for c in result["cases"] if c["impl"] == "int4_pc" and c.get("hlo")]
     if int4:
         unfused = [f"M={c['params']['M']} K={c['params']['K']} N={c['params']['N']}" for c in int4
@@ -503,16 +454,52 @@ def main(argv=None) -> int:
                 f"cases" + (f"; NOT fused at {unfused[:8]}" if unfused else ""))
         H.log(note)
         result["notes"].append(note)
-    result["elapsed_s"] = time.time() - t_start
-    H.finish(result, args, postprocess=postprocess, plot={"x": "M", "panels": ["K", "N"], "field": "device"})
-    if result["skipped"]:
-        H.log("skipped:")
-        for msg in dict.fromkeys(result["skipped"]):
-            H.log(f"  - {msg}")
-    H.log(f"\ngemm benchmark done in {time.time() - t_start:.0f}s")
-    if result.get("interrupted"):
-        return 130
-    return 1 if any(c.get("error") for c in result["cases"]) else 0
+
+
+def main(argv=None) -> int:
+    args, s, t_start = H.start(__doc__, add_args, argv)
+    import jax
+
+    shapes, ms = H.pick_sizes(args, smoke=(SMOKE_SHAPES, SMOKE_MS), quick=(QUICK_SHAPES, QUICK_MS),
+                              full=(FULL_SHAPES, FULL_MS))
+    shapes = H.parse_shapes(args.shapes) or shapes
+    ms = H.parse_int_list(args.ms) or ms
+    bench = H.bench_name(BENCH, args)
+    result = H.new_result(bench, s, make_table([]))
+    result["params"] = {"shapes": [list(x) for x in shapes], "M": ms}
+    result["skipped"] = []
+    H.log(f"kernels considered as ours: {ours_kernels(args, s.platform)}")
+    H.measure_ceiling(result, s, args)
+
+    def skipped_msg(rest, elapsed):
+        return (f"budget {args.budget_s:.0f}s reached after {elapsed:.0f}s: skipped shapes "
+                f"{['%dx%d' % sh for sh in rest]}; rerun them with --shapes ... --merge")
+
+    with H.interruptible(result):
+        for gi, (k, n) in H.budgeted_groups(shapes, args, result, t_start, skipped_msg=skipped_msg,
+                                            postprocess=postprocess):
+            t0 = time.time()
+            H.log(f"\n--- K={k} N={n}: M in {ms}")
+            cases = build_shape_cases(k, n, ms, s, args, seed=5000 + 31 * gi, skipped=result["skipped"])
+            H.run_cases(cases, s, group_name=f"{bench}-{k}x{n}")
+            H.record_cases(result, cases, describe)
+            del cases
+            jax.clear_caches()
+            compile_total = sum(r["compile_s"] or 0 for r in result["cases"]
+                                if r["params"].get("K") == k and r["params"].get("N") == n)
+            H.log(f"--- K={k} N={n} took {time.time() - t0:.0f}s, {compile_total:.0f}s of it compiling "
+                  f"(total {time.time() - t_start:.0f}s)")
+    if not args.ncu_worker:
+        note_int4_fusion(result)
+
+    def list_skipped():
+        if result["skipped"]:
+            H.log("skipped:")
+            for msg in dict.fromkeys(result["skipped"]):
+                H.log(f"  - {msg}")
+
+    return H.conclude(result, args, t_start, name="gemm", postprocess=postprocess,
+                      plot={"x": "M", "panels": ["K", "N"], "field": "device"}, after_finish=list_skipped)
 
 
 if __name__ == "__main__":

@@ -20,10 +20,8 @@ checked bit for bit against ``jnp`` on fresh random data.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
-import time
 
 from benchmarks import harness as H
 
@@ -41,14 +39,12 @@ BIG_MK = 4096 * 8192
 TABLE = {
     "row_params": list(MATCH),
     "columns": [
-        {"kind": "time", "label": "ours (us)", "impl": "ours"},
-        {"kind": "time", "label": "jnp (us)", "impl": "jnp"},
-        {"kind": "time", "label": "same-bytes copy (us)", "impl": "copy"},
-        {"kind": "ratio", "label": "ours vs jnp", "impl": "ours", "baseline": "jnp"},
-        {"kind": "metric", "label": "ours GB/s", "impl": "ours", "metric": "gbps", "fmt": "{:.0f}"},
-        {"kind": "metric", "label": "ours % copy BW", "impl": "ours", "metric": "pct_copy_bw", "fmt": "{:.0f}%"},
-        {"kind": "metric", "label": "ours kernels", "impl": "ours", "metric": "kernels", "fmt": "{:.0f}"},
-        {"kind": "metric", "label": "jnp kernels", "impl": "jnp", "metric": "kernels", "fmt": "{:.0f}"},
+        *(H.time_col(label, impl) for impl, label in (("ours", "ours (us)"), ("jnp", "jnp (us)"),
+                                                      ("copy", "same-bytes copy (us)"))),
+        H.ratio_col("ours vs jnp", "ours", "jnp"),
+        H.metric_col("ours GB/s", "ours", "gbps", "{:.0f}"),
+        H.metric_col("ours % copy BW", "ours", "pct_copy_bw", "{:.0f}%"),
+        *(H.metric_col(f"{impl} kernels", impl, "kernels", "{:.0f}") for impl in ("ours", "jnp")),
     ],
     "note": ("median device time per call (sum of kernel durations from the JAX profiler's device trace); "
              "'% copy BW' = (bytes read + written) / time over the same run's large-copy GB/s"),
@@ -202,71 +198,45 @@ def _p(c: dict) -> str:
     return f"M={p['M']} K={p['K']} {p['layout']}"
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    H.add_common_args(ap)
+def add_args(ap) -> None:
     ap.add_argument("--ks", default=None, help="comma-separated K values")
     ap.add_argument("--ms", default=None, help="comma-separated M values")
     ap.add_argument("--layouts", default=None, help="linear,swizzled_128x4")
     ap.add_argument("--roundings", default="floor", help="comma-separated rounding modes (floor, rceil, ...)")
-    ap.add_argument("--copy-mib", type=float, default=None, help="size of the bandwidth-ceiling copy (MiB read)")
-    args = ap.parse_args(argv)
-    s = H.init_platform(args)
-    t_start = time.time()
+    H.add_copy_mib_arg(ap)
 
-    if args.cpu_smoke:
-        ks, ms = SMOKE_K, SMOKE_M
-    elif args.quick:
-        ks, ms = QUICK_K, QUICK_M
-    else:
-        ks, ms = FULL_K, FULL_M
+
+def describe(c: H.Case, rec: dict) -> str:
+    t, fb = H.case_time_us(rec)
+    return (f"  {c.label():60s} device {H.fmt_time_us(t)} us{' (wall)' if fb else ''}  "
+            f"wall {H.fmt_time_us((rec['wall_time_us'] or {}).get('median'))} us  "
+            f"kernels {rec['kernels_per_call']}  compile {rec['compile_s'] or 0:.2f}s")
+
+
+def main(argv=None) -> int:
+    args, s, t_start = H.start(__doc__, add_args, argv)
+    ks, ms = H.pick_sizes(args, smoke=(SMOKE_K, SMOKE_M), quick=(QUICK_K, QUICK_M), full=(FULL_K, FULL_M))
     ks = H.parse_int_list(args.ks) or ks
     ms = H.parse_int_list(args.ms) or ms
     layouts = args.layouts.split(",") if args.layouts else LAYOUTS
     roundings = [r.strip() for r in args.roundings.split(",") if r.strip()]
-    bench = BENCH + ("-quick" if args.quick else "") + ("-cpu-smoke" if args.cpu_smoke else "")
+    bench = H.bench_name(BENCH, args)
     result = H.new_result(bench, s, TABLE)
     result["params"] = {"K": ks, "M": ms, "layouts": layouts, "roundings": roundings}
-
-    if not args.ncu_worker:
-        copy_mib = args.copy_mib or (16 if s.platform == "cpu" else 1024)
-        result["copy_bandwidth"] = H.measure_copy_bandwidth(s, int(copy_mib * H.MIB))
+    H.measure_ceiling(result, s, args)
 
     with H.interruptible(result):
-        last_group_s = 0.0
-        for gi, k in enumerate(ks):
-            elapsed = time.time() - t_start
-            if args.budget_s and elapsed + last_group_s > args.budget_s:
-                msg = f"budget {args.budget_s:.0f}s: skipped K in {ks[gi:]} (elapsed {elapsed:.0f}s)"
-                H.loud(msg)
-                result["errors"].append(msg)
-                break
-            t0 = time.time()
+        for gi, k in H.budgeted_groups(
+                ks, args, result, t_start, postprocess=postprocess,
+                skipped_msg=lambda rest, elapsed: f"budget {args.budget_s:.0f}s: skipped K in {rest} "
+                                                  f"(elapsed {elapsed:.0f}s)"):
             H.log(f"\n--- K={k}: M in {ms}, layouts {layouts}, rounding {roundings}")
             cases = build_cases(k, ms, layouts, roundings, s, args, seed=1000 + gi)
             H.run_cases(cases, s, group_name=f"{bench}-K{k}")
-            for c in cases:
-                rec = H.case_record(c)
-                result["cases"].append(rec)
-                if c.error:
-                    result["errors"].append(f"{c.label()}: {c.error[:500]}")
-                t, fb = H.case_time_us(rec)
-                H.log(f"  {c.label():60s} device {H.fmt_time_us(t)} us{' (wall)' if fb else ''}  "
-                      f"wall {H.fmt_time_us((rec['wall_time_us'] or {}).get('median'))} us  "
-                      f"kernels {rec['kernels_per_call']}  compile {rec['compile_s'] or 0:.2f}s")
+            H.record_cases(result, cases, describe)
             del cases
-            last_group_s = time.time() - t0
-            if not args.ncu_worker:
-                H.finish(result, args, postprocess=postprocess, final=False)
-    if args.ncu_worker:
-        return 1 if result["errors"] else 0
-    result["elapsed_s"] = time.time() - t_start
-    H.finish(result, args, postprocess=postprocess,
-             plot={"x": "M", "panels": ["K", "layout"], "field": "device"})
-    H.log(f"\nquantize benchmark done in {time.time() - t_start:.0f}s")
-    if result.get("interrupted"):
-        return 130
-    return 1 if any(c.get("error") for c in result["cases"]) else 0
+    return H.conclude(result, args, t_start, name="quantize", postprocess=postprocess,
+                      plot={"x": "M", "panels": ["K", "layout"], "field": "device"})
 
 
 if __name__ == "__main__":

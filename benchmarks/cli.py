@@ -1,15 +1,17 @@
-"""Command line plumbing shared by the benchmark scripts: arguments, platform, output, finishing."""
+"""Command line plumbing shared by the benchmark scripts: arguments, platform, output, the main-loop steps."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
-from typing import Callable
+import time
+from typing import Callable, Sequence
 
 from benchmarks.common import COMPILE_CACHE_DIR, MIB, RESULTS_DIR, HarnessError, SchemaError, log, loud
 from benchmarks.render import plot_result, print_summary
-from benchmarks.results_io import load_result, merge_results, result_filename, sanitize, write_json
-from benchmarks.runner import Settings, l2_bytes_for
+from benchmarks.results_io import case_record, load_result, merge_results, result_filename, sanitize, write_json
+from benchmarks.runner import Case, Settings, l2_bytes_for, measure_copy_bandwidth
 
 
 def add_common_args(parser) -> None:
@@ -166,3 +168,107 @@ def finish(result: dict, args, *, postprocess: Callable[[dict], dict] | None = N
     if final:
         print_summary(sanitize(out))
     return out
+
+
+# ---------------------------------------------------------------------------
+# The steps every bench script's main() goes through.
+
+def start(description: str, add_args: Callable[[argparse.ArgumentParser], None], argv=None
+          ) -> tuple[argparse.Namespace, Settings, float]:
+    """Parses the common and the bench's own arguments (``add_args``), initializes the platform.
+
+    Returns (args, settings, start time).
+    """
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(ap)
+    add_args(ap)
+    args = ap.parse_args(argv)
+    s = init_platform(args)
+    return args, s, time.time()
+
+
+def add_copy_mib_arg(parser) -> None:
+    parser.add_argument("--copy-mib", type=float, default=None, help="size of the bandwidth-ceiling copy (MiB read)")
+
+
+def bench_name(base: str, args) -> str:
+    """The benchmark name recorded in the results: ``base``, ``base-quick`` or ``base-cpu-smoke``."""
+    return base + ("-quick" if args.quick else "") + ("-cpu-smoke" if args.cpu_smoke else "")
+
+
+def pick_sizes(args, *, smoke, quick, full):
+    """``smoke`` with --cpu-smoke, else ``quick`` with --quick, else ``full``."""
+    if args.cpu_smoke:
+        return smoke
+    if args.quick:
+        return quick
+    return full
+
+
+def measure_ceiling(result: dict, s: Settings, args) -> None:
+    """``result['copy_bandwidth']``: the same run's copy ceiling (``--copy-mib``, default 16 MiB on
+    CPU, 1 GiB otherwise); not measured in ``--ncu-worker`` mode."""
+    if not args.ncu_worker:
+        copy_mib = args.copy_mib or (16 if s.platform == "cpu" else 1024)
+        result["copy_bandwidth"] = measure_copy_bandwidth(s, int(copy_mib * MIB))
+
+
+def checkpoint(result: dict, args, postprocess: Callable[[dict], dict]) -> None:
+    """Writes the partial results after a group (so a timeout loses nothing); not with ``--ncu-worker``."""
+    if not args.ncu_worker:
+        finish(result, args, postprocess=postprocess, final=False)
+
+
+def budgeted_groups(items: Sequence, args, result: dict, t_start: float, *,
+                    skipped_msg: Callable[[Sequence, float], str], postprocess: Callable[[dict], dict]):
+    """Yields (index, item) of the shape groups in order, under ``--budget-s``.
+
+    Before a group: if the elapsed time plus the previous group's time would
+    pass the budget, records ``skipped_msg(remaining items, elapsed s)`` as an
+    error (loudly) and stops. After a group: ``checkpoint``.
+    """
+    last_group_s = 0.0
+    for i, item in enumerate(items):
+        elapsed = time.time() - t_start
+        if args.budget_s and elapsed + last_group_s > args.budget_s:
+            msg = skipped_msg(items[i:], elapsed)
+            loud(msg)
+            result["errors"].append(msg)
+            break
+        t0 = time.time()
+        yield i, item
+        last_group_s = time.time() - t0
+        checkpoint(result, args, postprocess)
+
+
+def record_cases(result: dict, cases: Sequence[Case], describe: Callable[[Case, dict], str]) -> None:
+    """Appends each run case's record (and its error) to ``result`` and logs ``describe(case, record)``."""
+    for c in cases:
+        rec = case_record(c)
+        result["cases"].append(rec)
+        if c.error:
+            result["errors"].append(f"{c.label()}: {c.error[:500]}")
+        log(describe(c, rec))
+
+
+def any_case_failed(result: dict) -> bool:
+    return any(c.get("error") for c in result["cases"])
+
+
+def conclude(result: dict, args, t_start: float, *, name: str, postprocess: Callable[[dict], dict], plot: dict,
+             failed: Callable[[dict], bool] = any_case_failed, after_finish: Callable[[], None] | None = None) -> int:
+    """Final write (JSON, PNG, summary) and the exit code of a bench's main().
+
+    ``--ncu-worker``: nothing is written; 1 if any error was recorded. Else
+    130 if interrupted, 1 if ``failed(result)``, 0 otherwise.
+    """
+    if args.ncu_worker:
+        return 1 if result["errors"] else 0
+    result["elapsed_s"] = time.time() - t_start
+    finish(result, args, postprocess=postprocess, plot=plot)
+    if after_finish is not None:
+        after_finish()
+    log(f"\n{name} benchmark done in {time.time() - t_start:.0f}s")
+    if result.get("interrupted"):
+        return 130
+    return 1 if failed(result) else 0

@@ -40,14 +40,18 @@ import harness as H``); the code lives in, by concept:
 
 # Re-exports: every public name of the harness modules.
 from benchmarks.cli import (  # noqa: F401
-    add_common_args, finish, init_platform, interruptible, output_dirs, parse_int_list, parse_shapes, selected,
+    add_common_args, add_copy_mib_arg, any_case_failed, bench_name, budgeted_groups, checkpoint, conclude, finish,
+    init_platform, interruptible, measure_ceiling, output_dirs, parse_int_list, parse_shapes, pick_sizes,
+    record_cases, selected, start,
 )
 from benchmarks.common import (  # noqa: F401
     ANNOTATION_PREFIX, COMPILE_CACHE_DIR, MIB, REPO_ROOT, RESULTS_DIR, SCHEMA_VERSION, HarnessError, SchemaError,
     fmt_ratio, fmt_time_us, log, loud, summarize,
 )
 from benchmarks.ncu import NCU_METRIC, NcuKernel, cuda_profiler_range, ncu_command, ncu_per_call, parse_ncu_csv  # noqa: F401
-from benchmarks.render import describe_run, plot_result, print_summary, render_table, render_targets  # noqa: F401
+from benchmarks.render import (  # noqa: F401
+    describe_run, metric_col, plot_result, print_summary, ratio_col, render_table, render_targets, time_col,
+)
 from benchmarks.results_io import (  # noqa: F401
     add_ratio, case_record, case_time_us, device_slug, find_case, git_info, load_result, merge_results, new_result,
     result_filename, run_metadata, sanitize, target, validate_result, write_json,

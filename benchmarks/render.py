@@ -141,3 +141,27 @@ def plot_result(result: dict, path: str, *, x: str, panels: Sequence[str], field
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------
+# Table descriptor columns (see ``render_table``).
+
+def time_col(label: str, impl: str, field: str | None = None) -> dict:
+    """An impl's median time (``field`` 'device', the default, or 'wall')."""
+    col = {"kind": "time", "label": label, "impl": impl}
+    if field is not None:
+        col["field"] = field
+    return col
+
+
+def ratio_col(label: str, impl: str, baseline: str, field: str | None = None) -> dict:
+    """time(baseline) / time(impl): > 1 means impl is faster."""
+    col = {"kind": "ratio", "label": label, "impl": impl, "baseline": baseline}
+    if field is not None:
+        col["field"] = field
+    return col
+
+
+def metric_col(label: str, impl: str, metric: str, fmt: str) -> dict:
+    """An impl's ``metrics[metric]``, formatted with ``fmt``."""
+    return {"kind": "metric", "label": label, "impl": impl, "metric": metric, "fmt": fmt}
