@@ -69,6 +69,20 @@ class DenseSpec:
     options: LayerOptions
     weight_sharding: tuple | None = None  # mesh axis names for [N, K], or None
 
+    @classmethod
+    def of(cls, dense, options: LayerOptions, weight_sharding: tuple | None = None) -> "DenseSpec":
+        """The spec of a Dense-like module (``nn.Dense``, ``MxFp4Dense``): its features, dtypes and inits."""
+        return cls(
+            features=dense.features,
+            use_bias=dense.use_bias,
+            dtype=dense.dtype,
+            param_dtype=dense.param_dtype,
+            kernel_init=dense.kernel_init,
+            bias_init=dense.bias_init,
+            options=options,
+            weight_sharding=weight_sharding,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class PreparedLayer:
@@ -324,17 +338,9 @@ class MxFp4Dense(nn.Module):
                 "MXFP4 kernel is the matmul and the layer computes in `dtype` (x promoted with param_dtype "
                 "when dtype is None)."
             )
-        return DenseSpec(
-            features=self.features,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=self.kernel_init,
-            bias_init=self.bias_init,
-            options=LayerOptions(self.activation_format, self.activation_rounding, self.weight_rounding,
-                                 self.kernel_name),
-            weight_sharding=self.weight_sharding,
-        )
+        options = LayerOptions(self.activation_format, self.activation_rounding, self.weight_rounding,
+                               self.kernel_name)
+        return DenseSpec.of(self, options, self.weight_sharding)
 
     @nn.compact
     def __call__(self, inputs):
@@ -418,10 +424,11 @@ def _as_dict(tree):
     return {k: _as_dict(v) if isinstance(v, dict) or hasattr(v, "unfreeze") else v for k, v in tree.items()}
 
 
-def _dedupe(records):
+def _dedupe(records, key=lambda r: r.path):
+    """The first record of each ``key`` (a layer traced more than once is recorded more than once)."""
     seen, out = set(), []
     for r in records:
-        if r.path not in seen:
-            seen.add(r.path)
+        if key(r) not in seen:
+            seen.add(key(r))
             out.append(r)
     return out

@@ -248,15 +248,7 @@ class SwappedLinen:
     options: LayerOptions = LayerOptions()
 
     def spec(self, dense: nn.Dense) -> mx_linen.DenseSpec:
-        return mx_linen.DenseSpec(
-            features=dense.features,
-            use_bias=dense.use_bias,
-            dtype=dense.dtype,
-            param_dtype=dense.param_dtype,
-            kernel_init=dense.kernel_init,
-            bias_init=dense.bias_init,
-            options=self.options,
-        )
+        return mx_linen.DenseSpec.of(dense, self.options)
 
     def _interceptor(self, convert: bool, records: list | None):
         def intercept(next_fun, args, kwargs, context):
@@ -315,11 +307,7 @@ class SwappedLinen:
         params = _drop_converted_kernels(mx_linen._as_dict(params))
         out = dict(variables)
         out["params"] = params
-        seen, unique = set(), []
-        for r in records:
-            if r.name not in seen:
-                seen.add(r.name)
-                unique.append(r)
+        unique = mx_linen._dedupe(records, key=lambda r: r.name)
         return out, _report(unique, self.targets, self.ignore)
 
 
