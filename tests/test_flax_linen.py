@@ -12,35 +12,10 @@ from jax_mxfp4 import reference
 from jax_mxfp4.flax import PREPARED_COLLECTION, MxFp4Dense, canonical_params, prepare
 from jax_mxfp4.kernels import base as kernel_base
 
-
-class RepackKernel(kernel_base.Mxfp4LinearKernel):
-    """A test kernel with its own weight layout (transposed, bits inverted) that counts preparations."""
-
-    name = "test_repack_linen"
-    description = "test: inverted, transposed weights"
-    prepares = 0
-
-    def is_supported(self, device):
-        return True, ""
-
-    def can_implement(self, config):
-        return True, ""
-
-    def prepare_weights(self, w_packed, w_scales, config):
-        type(self).prepares += 1
-        return kernel_base.PreparedWeights({"tiles": ~w_packed.T, "scales": w_scales}, self.name, config)
-
-    def matmul(self, x, weights):
-        return reference.matmul_reference(x, ~weights.arrays["tiles"].T, weights.arrays["scales"])
+from flax_helpers import repack_kernel_fixture
 
 
-@pytest.fixture
-def repack_kernel():
-    kernel = RepackKernel()
-    kernel_base.REGISTRY.append(kernel)
-    RepackKernel.prepares = 0
-    yield kernel
-    kernel_base.REGISTRY.remove(kernel)
+repack_kernel = repack_kernel_fixture("test_repack_linen")
 
 
 def dequantized(params, dtype=jnp.float32):
@@ -151,12 +126,12 @@ def test_prepare_once_then_no_repacking_in_the_forward(repack_kernel, rng):
     x = jnp.asarray(rng.standard_normal((4, 96)), jnp.bfloat16)
     model = TwoLayers(kernel_name=repack_kernel.name)
     variables = model.init(jax.random.key(0), x)
-    RepackKernel.prepares = 0
+    repack_kernel.prepares = 0
     y_unprepared = jax.jit(model.apply)(variables, x)
-    assert RepackKernel.prepares == 2  # inside the call, once per layer per trace
+    assert repack_kernel.prepares == 2  # inside the call, once per layer per trace
 
     prepared, report = prepare(model, variables, x)
-    assert RepackKernel.prepares == 4
+    assert repack_kernel.prepares == 4
     assert [layer.path for layer in report.layers] == ["up", "down"]
     assert all(layer.kernel == repack_kernel.name for layer in report.layers)
     assert "forced by argument" in report.layers[0].explanation
@@ -166,7 +141,7 @@ def test_prepare_once_then_no_repacking_in_the_forward(repack_kernel, rng):
     apply = jax.jit(model.apply)
     for batch in (x, x[:1], x * 2):
         y = apply(prepared, batch)
-    assert RepackKernel.prepares == 4  # the forward never prepares again
+    assert repack_kernel.prepares == 4  # the forward never prepares again
     np.testing.assert_array_equal(apply(prepared, x), y_unprepared)
 
     with pytest.raises(ValueError, match="keep_canonical=True"):  # this layout has no known inverse

@@ -11,37 +11,11 @@ from jax.sharding import PartitionSpec as P
 import jax_mxfp4
 from jax_mxfp4 import reference
 from jax_mxfp4.flax import MxFp4Linear, MxFp4Prepared, prepare
-from jax_mxfp4.kernels import base as kernel_base
+
+from flax_helpers import repack_kernel_fixture
 
 
-class RepackKernel(kernel_base.Mxfp4LinearKernel):
-    """A test kernel with its own weight layout (transposed, bits inverted) that counts preparations."""
-
-    name = "test_repack_nnx"
-    description = "test: inverted, transposed weights"
-    prepares = 0
-
-    def is_supported(self, device):
-        return True, ""
-
-    def can_implement(self, config):
-        return True, ""
-
-    def prepare_weights(self, w_packed, w_scales, config):
-        type(self).prepares += 1
-        return kernel_base.PreparedWeights({"tiles": ~w_packed.T, "scales": w_scales}, self.name, config)
-
-    def matmul(self, x, weights):
-        return reference.matmul_reference(x, ~weights.arrays["tiles"].T, weights.arrays["scales"])
-
-
-@pytest.fixture
-def repack_kernel():
-    kernel = RepackKernel()
-    kernel_base.REGISTRY.append(kernel)
-    RepackKernel.prepares = 0
-    yield kernel
-    kernel_base.REGISTRY.remove(kernel)
+repack_kernel = repack_kernel_fixture("test_repack_nnx")
 
 
 def dequantized(layer, dtype=jnp.float32):
@@ -142,12 +116,12 @@ class TwoLayers(nnx.Module):
 def test_prepare_once_then_no_repacking_in_the_forward(repack_kernel, rng):
     model = TwoLayers(kernel_name=repack_kernel.name)
     x = jnp.asarray(rng.standard_normal((4, 96)), jnp.bfloat16)
-    RepackKernel.prepares = 0
+    repack_kernel.prepares = 0
     y_unprepared = nnx.jit(lambda m, v: m(v))(model, x)
-    assert RepackKernel.prepares == 2
+    assert repack_kernel.prepares == 2
 
     report = prepare(model)  # both layers have dtype=bfloat16: input_dtype not needed
-    assert RepackKernel.prepares == 4
+    assert repack_kernel.prepares == 4
     assert sorted(layer.path for layer in report.layers) == ["down", "up"]
     assert isinstance(model.up.prepared, MxFp4Prepared) and model.up.weight_packed is None
     assert "prepared" in nnx.state(model, MxFp4Prepared)["up"]
@@ -157,7 +131,7 @@ def test_prepare_once_then_no_repacking_in_the_forward(repack_kernel, rng):
         forward(model, batch)
     graphdef, state = nnx.split(model)
     jax.jit(lambda s, v: nnx.merge(graphdef, s)(v))(state, x)
-    assert RepackKernel.prepares == 4  # the forward never prepares again
+    assert repack_kernel.prepares == 4  # the forward never prepares again
     np.testing.assert_array_equal(forward(model, x), y_unprepared)
     with pytest.raises(ValueError, match="keep_canonical=True"):
         model.up.canonical_weights()
