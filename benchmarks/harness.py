@@ -10,8 +10,9 @@ How a case is timed (``run_cases``), all in one process:
    the next by an idle gap; its calls are 1 untimed + ``trace_iters`` timed
    calls, each blocked. The device plane's kernel events (lines
    ``Stream #...`` of plane ``/device:GPU:<n>``; memcpy/memset excluded and
-   reported apart) are assigned to cases by the annotation windows (fallback:
-   the idle gaps), split per call, and summed: ``device_time_us`` is the
+   reported apart) are assigned to cases by the annotation windows, checked
+   against the idle gaps (``assign_group_events`` says which wins when they
+   disagree), split per call, and summed: ``device_time_us`` is the
    median over calls of the sum of kernel durations of one call. On CPU the
    "device" events are XLA's op events (stat ``hlo_op``) on ``/host:CPU``.
 

@@ -219,7 +219,7 @@ def _trace_group(cases: Sequence[Case], s: Settings, group_name: str) -> None:
         finally:
             jax.profiler.stop_trace()
         pd, path = _load_trace(logdir)
-        assigned, diag = assign_group_events(pd, keys, s.platform, s.gap_s * 1e9)
+        assigned, diag = assign_group_events(pd, keys, s.platform, s.gap_s * 1e9, n_calls=n_calls)
         kinds = diag.get("timing_kinds") or ["kernel"]
         timings = {}
         if assigned is not None:

@@ -56,9 +56,10 @@ def _is_derived_line(name: str) -> bool:
 
 def _classify_gpu_event(name: str, stats: set[str]) -> str:
     low = name.lower()
-    if "memcpy_details" in stats or low.startswith("memcpy"):
+    low_stats = {s.lower() for s in stats}  # CUPTI's memset events carry "Memset_details"
+    if "memcpy_details" in low_stats or low.startswith("memcpy"):
         return "memcpy"
-    if "memset_details" in stats or low.startswith("memset"):
+    if "memset_details" in low_stats or low.startswith("memset"):
         return "memset"
     if "kernel_details" in stats:
         return "kernel"
@@ -242,8 +243,18 @@ def _gap_groups(timed: Sequence[DeviceEvent], n: int, gap_ns: float) -> tuple[li
     return groups, ""
 
 
-def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns: float
-                        ) -> tuple[dict[str, list[DeviceEvent]] | None, dict]:
+def _uneven_case(assign: dict[str, list[DeviceEvent]], keys: Sequence[str], kinds: Sequence[str],
+                 n_calls: int) -> str | None:
+    """The first case whose timed events do not split into ``n_calls`` calls of one size, else None."""
+    for k in keys:
+        calls, _ = split_calls([e for e in assign[k] if e.kind in kinds], n_calls)
+        if calls is None or len({len(c) for c in calls}) != 1:
+            return k
+    return None
+
+
+def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns: float,
+                        n_calls: int | None = None) -> tuple[dict[str, list[DeviceEvent]] | None, dict]:
     """Assigns a group trace's device events to its cases (annotation ``keys``, in run order).
 
     Two independent methods: the host annotation windows (tolerance 0.4 x
@@ -251,7 +262,11 @@ def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns
     collector does) and the idle gaps inserted between cases (needs every
     pause inside a case to be shorter than half the inserted gap). When both
     work they must agree, else the gaps win with a warning (a clock offset
-    would shift events into a neighbour's window). Returns ({key: events},
+    would shift events into a neighbour's window), unless ``n_calls`` (calls
+    per case) is given and only the annotation windows split every case into
+    ``n_calls`` calls of the same size: then a pause inside a case was longer
+    than the inserted gap (e.g. the host instantiating a CUDA graph during a
+    call) and the windows win, with a warning. Returns ({key: events},
     diagnostics) or (None, diagnostics) with ``diag['error']`` set.
     """
     events, diag = extract_device_events(profile_data, platform)
@@ -303,6 +318,15 @@ def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns
         if all(ids(by_ann, k) == ids(by_gap, k) for k in keys):
             diag["assignment"] = "annotation=gaps"
             return by_ann, diag
+        if n_calls:
+            bad_gap = _uneven_case(by_gap, keys, kinds, n_calls)
+            if bad_gap is not None and _uneven_case(by_ann, keys, kinds, n_calls) is None:
+                diag["warnings"].append(
+                    "annotation windows and idle gaps disagree on which events belong to which case; using the "
+                    f"annotation windows: by the idle gaps, case {bad_gap} does not split into {n_calls} calls of "
+                    "one size (a pause inside a case longer than the inserted gap)")
+                diag["assignment"] = "annotation"
+                return by_ann, diag
         diag["warnings"].append("annotation windows and idle gaps disagree on which events belong to which "
                                 "case; using the idle gaps")
         diag["assignment"] = "gaps"

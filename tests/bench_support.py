@@ -45,8 +45,8 @@ class XSpaceBuilder:
                     st = " ".join(
                         f'stats {{ metadata_id: {st_ids.setdefault(k, len(st_ids) + 1)} str_value: "{v}" }}'
                         for k, v in stats.items())
-                    evs.append(f"events {{ metadata_id: {eid} offset_ps: {int(start_us * US)} "
-                               f"duration_ps: {int(dur_us * US)} {st} }}")
+                    evs.append(f"events {{ metadata_id: {eid} offset_ps: {round(start_us * US)} "
+                               f"duration_ps: {round(dur_us * US)} {st} }}")
                 body.append(f'lines {{ id: {li + 1} name: "{lname}" timestamp_ns: 0 {" ".join(evs)} }}')
             meta = [f'event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}' for n, i in ev_ids.items()]
             meta += [f'stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}' for n, i in st_ids.items()]

@@ -139,3 +139,122 @@ def test_real_cpu_trace_run_cases():
         rec = H.case_record(c)
         assert rec["device_time_method"].startswith(("annotation", "gaps"))
         json.dumps(rec)
+
+
+# ---------------------------------------------------------------------------
+# A real H100 trace: the decode benchmark's MXFP4 group (16 layers, batches 1
+# and 16, 1 untimed + 5 timed calls each). One stream line carries both the
+# kernels and the Marlin kernel's split-K counter memsets (one before each of
+# the 64 Marlin kernels of a step). Numbers taken from the trace (ns): the two
+# annotation windows and, per call, the first start, the last end, the summed
+# kernel and memset durations, and the kernel and memset counts.
+
+DECODE_MXFP4_WINDOWS_NS = [(14801951, 35804430), (39887917, 56349358)]
+DECODE_MXFP4_CALLS = [  # (case, start_ns, end_ns, kernel_ns, memset_ns, kernels, memsets)
+    (0, 15694527, 18826780, 1535165, 54846, 260, 64),
+    (0, 24280613, 26200394, 1523579, 78525, 260, 64),  # 5.45 ms after call 0: the host built a CUDA graph
+    (0, 26913240, 28738811, 1530943, 64731, 260, 64),
+    (0, 29249605, 31072521, 1527287, 66848, 260, 64),
+    (0, 31539762, 33368277, 1529337, 67524, 260, 64),
+    (0, 33850110, 35677569, 1531709, 65597, 260, 64),
+    (1, 40335611, 42571527, 1931173, 57434, 235, 64),  # 4.66 ms after case 0: the inserted gap
+    (1, 43116753, 45348572, 1935362, 56669, 235, 64),
+    (1, 45807749, 48035344, 1936453, 57412, 235, 64),
+    (1, 48508377, 50738564, 1936421, 57826, 235, 64),
+    (1, 51180013, 53406520, 1934212, 58281, 235, 64),
+    (1, 53884897, 56114700, 1937080, 57407, 235, 64),
+]
+MARLIN = "void jax_mxfp4::marlin::(anonymous namespace)::MarlinMxfp4GemmKernel<0, __nv_bfloat16>"
+MEMSET = {"Memset_details": "kind:device num_bytes:256 async:1"}
+
+
+def _spread(total: int, n: int) -> list[int]:
+    """``total`` ns in ``n`` whole-ns parts (the trace's resolution), summing exactly."""
+    return [total // n + (i < total % n) for i in range(n)]
+
+
+def decode_mxfp4_trace():
+    """The trace rebuilt from DECODE_MXFP4_*: in each call, the other kernels spread among 64
+    (memset, Marlin kernel) pairs, back to back with the call's idle time spread evenly, so that
+    each call's start, end and kernel and memset sums are the real ones."""
+    events = []
+    for _, start, end, kern_ns, mset_ns, n_k, n_m in DECODE_MXFP4_CALLS:
+        n_other = n_k - n_m
+        seq = []
+        for i in range(n_m):
+            seq += [f"fusion_{j}" for j in range(i * n_other // n_m, (i + 1) * n_other // n_m)]
+            seq += ["Memset 3", MARLIN]
+        k_durs, m_durs = iter(_spread(kern_ns, n_k)), iter(_spread(mset_ns, n_m))
+        idle = _spread(end - start - kern_ns - mset_ns, len(seq) - 1) + [0]
+        t = start
+        for name, gap in zip(seq, idle):
+            memset = name == "Memset 3"
+            dur = next(m_durs) if memset else next(k_durs)
+            events.append((name, t / 1e3, dur / 1e3, MEMSET if memset else KD))
+            t += dur + gap
+        assert t == end
+    host = [(f"{H.ANNOTATION_PREFIX}{i}", a / 1e3, (b - a) / 1e3, {})
+            for i, (a, b) in enumerate(DECODE_MXFP4_WINDOWS_NS)]
+    return (XSpaceBuilder().plane("/device:GPU:0", {"Stream #14(Compute,Memset)": events})
+            .plane("/host:CPU", {"python3": host}).profile())
+
+
+def test_decode_mxfp4_trace_pause_inside_a_case():
+    n_calls = 6
+    pd = decode_mxfp4_trace()
+    keys = [f"{H.ANNOTATION_PREFIX}0", f"{H.ANNOTATION_PREFIX}1"]
+    events, _ = H.extract_device_events(pd, "gpu")
+    assert sum(e.kind == "memset" for e in events) == 12 * 64 and sum(e.kind == "kernel" for e in events) == 2970
+
+    # The cause: the largest idle gap (5.45 ms, after case 0's first call) is longer than the one
+    # between the cases (4.66 ms), so the idle gaps put case 0's first call alone in case 0.
+    kernels = [e for e in events if e.kind == "kernel"]
+    groups = H.split_at_largest_gaps(kernels, 2)
+    assert [len(g) for g in groups] == [260, 5 * 260 + 6 * 235]
+    # Without the calls per case the gaps still win, and case 0's one call is split into 6 "calls"
+    # (on the H100: kernels per call [3, 18, 37, 66, 135], median 246 us).
+    assigned, diag = H.assign_group_events(pd, keys, "gpu", gap_ns=4e6)
+    assert diag["assignment"] == "gaps"
+    old = H.device_timing(assigned[keys[0]], n_calls, kinds=diag["timing_kinds"])
+    assert old["error"].startswith("calls ran different numbers of kernels")
+
+    # The fix: only the annotation windows split every case into 6 calls of one size.
+    assigned, diag = H.assign_group_events(pd, keys, "gpu", gap_ns=4e6, n_calls=n_calls)
+    assert diag["assignment"] == "annotation"
+    assert any("does not split into 6 calls" in w for w in diag["warnings"])
+    for case, n_k in ((0, 260), (1, 235)):
+        calls = [c for c in DECODE_MXFP4_CALLS if c[0] == case]
+        dt = H.device_timing(assigned[keys[case]], n_calls, kinds=diag["timing_kinds"])
+        assert dt["error"] is None and dt["method"] == "chunk"
+        assert dt["kernels_per_call"] == n_k and dt["memsets_per_call"] == 64
+        # Device time: kernels of the 5 timed calls (memsets apart, as in the other benchmarks).
+        want = sorted(c[3] / 1e3 for c in calls[1:])[2]
+        assert dt["time_us"]["median"] == pytest.approx(want, abs=1e-3)
+        assert dt["memset_us_per_call"] == pytest.approx(sum(c[4] for c in calls) / 1e3 / n_calls, abs=1e-3)
+    assert H.device_timing(assigned[keys[0]], n_calls)["time_us"]["median"] == pytest.approx(1529.337, abs=1e-3)
+    assert H.device_timing(assigned[keys[1]], n_calls)["time_us"]["median"] == pytest.approx(1936.421, abs=1e-3)
+
+
+def test_assign_group_events_clock_offset_still_prefers_gaps_with_n_calls():
+    # The shifted windows of test_assign_group_events_disagreement_prefers_gaps split case 0
+    # unevenly, the gaps do not: knowing the calls per case keeps the gaps.
+    n = 4
+    kern = sorted((e for e in H.extract_device_events(two_case_trace(n_calls=n), "gpu")[0] if e.kind == "kernel"),
+                  key=lambda e: e.start_ns)
+    t1 = next(e.start_ns for e in kern if e.name == "fusion_a") / 1e3
+    end = kern[-1].end_ns / 1e3
+    lines = {"Stream #7": [(e.name, e.start_ns / 1e3, e.duration_ns / 1e3, KD) for e in kern]}
+    host = {"python": [(f"{H.ANNOTATION_PREFIX}0", 90.0, t1 + 15.0 - 90.0, {}),
+                       (f"{H.ANNOTATION_PREFIX}1", t1 + 15.0, end - t1, {})]}
+    pd = XSpaceBuilder().plane("/device:GPU:0", lines).plane("/host:CPU", host).profile()
+    keys = [f"{H.ANNOTATION_PREFIX}0", f"{H.ANNOTATION_PREFIX}1"]
+    assigned, diag = H.assign_group_events(pd, keys, "gpu", gap_ns=4e6, n_calls=n)
+    assert diag["assignment"] == "gaps" and any("using the idle gaps" in w for w in diag["warnings"])
+    assert H.device_timing(assigned[keys[0]], n)["kernels_per_call"] == 1
+    assert H.device_timing(assigned[keys[1]], n)["kernels_per_call"] == 3
+
+
+def test_memset_details_stat_any_case():
+    lines = {"Stream #1": [("cuMemsetD32Async", 10.0, 1.0, MEMSET), ("k", 12.0, 2.0, KD)]}
+    events, _ = H.extract_device_events(XSpaceBuilder().plane("/device:GPU:0", lines).profile(), "gpu")
+    assert sorted(e.kind for e in events) == ["kernel", "memset"]
