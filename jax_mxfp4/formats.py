@@ -401,9 +401,14 @@ def dequantize_codes(codes, scale_bytes, dtype=jnp.bfloat16):
     scales = scales.reshape(*codes.shape[:-1], k)
     mag = codes & 7
     sign = (codes & 8) << 28
-    # Magnitude t * 2**p with t in {1, 3}: 0.5=1*2^-1, 1=1*2^0, 1.5=3*2^-1, 2=1*2^1, 3=3*2^0, 4=1*2^2, 6=3*2^1.
-    t = jnp.asarray(np.array([1, 1, 1, 3, 1, 3, 1, 3], np.uint32))[mag]
-    p = jnp.asarray(np.array([0, -1, 0, -1, 1, 0, 2, 1], np.int32))[mag]
+    # Magnitude t * 2**p from the code's fields e (2 bits) and m: e = 0 is the
+    # subnormal m * 0.5 (t = 1, p = -1); e > 0 is (1 + m/2) * 2**(e-1), i.e.
+    # t = 2 + m, p = e - 2. Arithmetic, not a table lookup, so it partitions
+    # like any elementwise op under sharding.
+    e = (mag >> 1).astype(jnp.int32)
+    m = mag & 1
+    t = jnp.where(e == 0, _u32(1), 2 + m)
+    p = jnp.where(e == 0, -1, e - 2)
     value = _f32_bits_of_int_times_pow2(t, p + scales - E8M0_BIAS)
     bits = jnp.where(mag == 0, _u32(0), value) | sign
     bits = jnp.where(scales == E8M0_NAN, _u32(_F32_QNAN), bits)

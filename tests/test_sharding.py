@@ -521,14 +521,9 @@ def explicit_axes_w4a4():
     wp, ws = weights(N, K)
     f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="cpu", activation_format="mxfp4")  # noqa: E731
     y, metrics = compile_and_run(f, put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
+    no_gathers(metrics, "explicit-axes W4A4")
     assert_within_tolerance(y, x, wp, ws, "mxfp4")
     return metrics
-
-
-explicit_axes_w4a4.known_failure = (
-    "formats.dequantize_codes looks E2M1 magnitudes up in a constant table (table[codes]); in "
-    "explicit-sharding mode jax cannot type that gather with sharded codes (ValueError: Resource axis "
-    "... not found in mesh: ()). Computing the magnitude arithmetically would fix it.")
 
 
 # ---------------------------------------------------------------------------
