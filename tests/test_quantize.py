@@ -34,9 +34,15 @@ def wide_random(rng, shape, dtype):
 def assert_quantize_matches(x, scale_layout, rounding):
     got = jax.jit(lambda v: jax_mxfp4.quantize_mxfp4(v, scale_layout=scale_layout, rounding=rounding))(x)
     want = reference.quantize_reference(jnp.asarray(x), scale_layout=scale_layout, rounding=rounding)
+    assert_outputs_equal(got, want, f"{x.shape} {x.dtype} {scale_layout} {rounding}")
+
+
+def assert_outputs_equal(got, want, context: str):
+    """(packed, scales) from a handler vs the reference: same shapes, dtypes and bytes."""
     for g, w, name in zip(got, want, ("packed", "scales")):
-        assert g.shape == w.shape and g.dtype == w.dtype, name
-        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{name} {context}"
+        np.testing.assert_array_equal(g, w, err_msg=f"{name} {context}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -146,11 +152,8 @@ def assert_cuda_matches(x, scale_layout, rounding):
     x_gpu = jax.device_put(jnp.asarray(x), jax.devices("gpu")[0])
     f = jax.jit(lambda v: jax_mxfp4.quantize_mxfp4(v, scale_layout=scale_layout, rounding=rounding))
     assert "jax_mxfp4_quantize" in f.lower(x_gpu).as_text()
-    got = [np.asarray(a) for a in f(x_gpu)]
-    want = reference_on_cpu(x, scale_layout, rounding)
-    for g, w, name in zip(got, want, ("packed", "scales")):
-        assert g.shape == w.shape, name
-        np.testing.assert_array_equal(g, w, err_msg=f"{name} {x.shape} {x.dtype} {scale_layout} {rounding}")
+    assert_outputs_equal(f(x_gpu), reference_on_cpu(x, scale_layout, rounding),
+                         f"{x.shape} {x.dtype} {scale_layout} {rounding}")
 
 
 @pytest.mark.gpu
