@@ -12,6 +12,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 def run_example(name, *args, timeout=300):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
+    # The example imports what this test process imports (installed package or source tree).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
