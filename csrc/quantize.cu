@@ -237,8 +237,8 @@ ffi::Error QuantizeCudaImpl(cudaStream_t stream, ffi::AnyBuffer x,
                             ffi::Result<ffi::Buffer<ffi::U8>> scales, int32_t scale_layout,
                             int32_t rounding) {
   QuantizeArgs args{};
-  ffi::Error err = CheckQuantizeArgs(x, packed->element_count(), scales->element_count(), scale_layout, rounding, &args);
-  if (err.failure()) return err;
+  ffi::Error bad = CheckQuantizeArgs(x, packed->element_count(), scales->element_count(), scale_layout, rounding, &args);
+  if (bad.failure()) return bad;
   const int64_t k = args.k, rows = args.rows;
   const ScaleLayout layout = args.layout;
   const ScaleShape ss = args.scales;
