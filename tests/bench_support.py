@@ -11,7 +11,12 @@ import copy
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The benchmarks package lives at the repository root. Appended, not
+# prepended: the root also holds the jax_mxfp4 sources, and the tests must
+# import the installed (compiled) package ahead of them.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
 
 from benchmarks import bench_gemm  # noqa: E402
 from benchmarks import harness as H  # noqa: E402

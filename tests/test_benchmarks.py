@@ -11,7 +11,7 @@ import math
 import os
 
 import pytest
-from bench_support import _case, _gcase, fake_result  # first: it puts the repository root on sys.path
+from bench_support import _case, _gcase, fake_result  # first: it makes the benchmarks package importable
 
 from benchmarks import bench_decode, bench_gemm, bench_quantize
 from benchmarks import harness as H

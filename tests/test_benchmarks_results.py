@@ -6,7 +6,7 @@ import json
 import os
 
 import pytest
-from bench_support import _case, _gcase, fake_result  # first: it puts the repository root on sys.path
+from bench_support import _case, _gcase, fake_result  # first: it makes the benchmarks package importable
 
 from benchmarks import harness as H
 from benchmarks import report

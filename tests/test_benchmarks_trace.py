@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from bench_support import KD, XSpaceBuilder, _ev, two_case_trace  # first: it puts the repository root on sys.path
+from bench_support import KD, XSpaceBuilder, _ev, two_case_trace  # first: it makes the benchmarks package importable
 
 from benchmarks import harness as H
 
