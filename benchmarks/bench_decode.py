@@ -142,9 +142,13 @@ def make_linear(variant: str):
     return lambda h, w: jax_mxfp4.mxfp4_linear(h, w)
 
 
-def decoder_layer(x, p, kc, vc, cfg: Config, linear, fused: bool):
+def decoder_layer(x, p, kc, vc, cfg: Config, linear, fused: bool, reduce=None):
+    """One layer. ``reduce`` sums the O and down projections' partial products
+    over tensor-parallel shards (``lax.psum``; see bench_decode_tp); None: unsharded."""
     import jax
     import jax.numpy as jnp
+
+    reduce = reduce or (lambda y: y)
 
     qd, kvd = cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     h = rmsnorm(x, p["ln1"], cfg.eps)
@@ -153,7 +157,7 @@ def decoder_layer(x, p, kc, vc, cfg: Config, linear, fused: bool):
         q, k, v = qkv[:, :qd], qkv[:, qd:qd + kvd], qkv[:, qd + kvd:]
     else:
         q, k, v = linear(h, p["wq"]), linear(h, p["wk"]), linear(h, p["wv"])
-    x = x + linear(attention(q, k, v, kc, vc, cfg), p["wo"])
+    x = x + reduce(linear(attention(q, k, v, kc, vc, cfg), p["wo"]))
     h = rmsnorm(x, p["ln2"], cfg.eps)
     if fused:
         gu = linear(h, p["wgu"])
@@ -161,7 +165,7 @@ def decoder_layer(x, p, kc, vc, cfg: Config, linear, fused: bool):
     else:
         g, u = linear(h, p["wg"]), linear(h, p["wu"])
     a = (jax.nn.silu(g.astype(jnp.float32)) * u.astype(jnp.float32)).astype(x.dtype)
-    return x + linear(a, p["wd"])
+    return x + reduce(linear(a, p["wd"]))
 
 
 def make_step(cfg: Config, variant: str, fused: bool, mode: str, lm_head: bool):

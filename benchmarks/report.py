@@ -119,7 +119,9 @@ def replace_section(text: str, section: str) -> str:
 def postprocessor(benchmark: str):
     """The benchmark's pure ratios/metrics/targets function (re-run after a merge)."""
     base = benchmark.split("-")[0]
-    if base == "quantize":
+    if base == "decode_tp":
+        from benchmarks import bench_decode_tp as m
+    elif base == "quantize":
         from benchmarks import bench_quantize as m
     elif base == "gemm":
         from benchmarks import bench_gemm as m

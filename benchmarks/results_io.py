@@ -105,6 +105,7 @@ def case_record(case: Case) -> dict:
         "params": dict(case.params),
         "device_time_us": dev.get("time_us"),
         "device_span_us": dev.get("span_us"),
+        "collective_time_us": dev.get("collective_time_us"),
         "device_time_method": dev.get("method"),
         "device_time_error": dev.get("error"),
         "wall_time_us": summarize(t * 1e6 for t in case.wall_s),

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     keys = [f"{H.ANNOTATION_PREFIX}{i}" for i in range(len(cases))]
     n_calls = settings["trace_iters"] + 1
     pd = jax.profiler.ProfileData.from_file(args.trace)
-    assigned, diag = assign_group_events(pd, keys, settings["platform"], settings["gap_s"] * 1e9, n_calls=n_calls)
+    assigned, diag = assign_group_events(pd, keys, settings["platform"], settings["gap_s"] * 1e9, n_calls=n_calls,
+                                       planes=settings.get("device_planes"))
     if assigned is None:
         raise SystemExit(f"cannot assign the trace's events: {diag.get('error')}")
     kinds = diag.get("timing_kinds") or ["kernel"]

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Runs the jax_mxfp4 benchmarks on the device machine and collects the results.
 #
-#   benchmarks/run_all.sh OUT_DIR [--quick] [--only quantize,gemm,decode] [--ncu] [--cpu-smoke]
+#   benchmarks/run_all.sh OUT_DIR [--quick] [--only quantize,gemm,decode,decode_tp] [--ncu] [--cpu-smoke]
 #
 # For each benchmark: python -m benchmarks.bench_<name> --out OUT_DIR (JSON, PNG,
 # profiler traces, log) which also writes benchmarks/results/<bench>-<device>.json;
 # then regenerates the README performance section (python -m benchmarks.report),
 # writes OUT_DIR/perf_section.md, and prints a short summary last.
 # Expected on one H100 (estimates; compile time dominates): --quick all three ~4-5 min;
-# full quantize ~2-3 min, decode ~3-4 min, gemm ~8 min (it stops starting new
+# full quantize ~2-3 min, decode ~3-4 min, decode_tp ~4-5 min (2 GPUs; not in the default
+# set: --only decode_tp), gemm ~8 min (it stops starting new
 # shapes after GEMM_BUDGET_S, default 450 s, and says which ones it skipped).
 # Each bench runs under a timeout (SIGINT: it writes what it has) chosen so that
 # these fit a 10-minute command:
@@ -17,7 +18,7 @@
 #   benchmarks/run_all.sh "$OUT" --only gemm
 # Environment: PYTHON (default python3), GEMM_BUDGET_S, {QUANTIZE,GEMM,DECODE}_TIMEOUT_S,
 # BENCH_ARGS (extra args for every bench),
-# QUANTIZE_ARGS / GEMM_ARGS / DECODE_ARGS (extra args for one bench, e.g.
+# QUANTIZE_ARGS / GEMM_ARGS / DECODE_ARGS / DECODE_TP_ARGS (extra args for one bench, e.g.
 # GEMM_ARGS="--shapes 4096x14336,14336x4096,2880x5760"), JAX_MXFP4_GIT_COMMIT (recorded
 # when the tree has no .git). Back on the dev machine:
 #   python -m benchmarks.report --import FETCHED_OUT_DIR [--merge]   # -> benchmarks/results + README
@@ -95,7 +96,8 @@ for b in "${BENCHES[@]}"; do
     gemm) run_bench gemm "${GEMM_TIMEOUT_S:-$(pick 220 560)}" --budget-s "${GEMM_BUDGET_S:-$(pick 170 450)}" \
             ${GEMM_ARGS:-} ;;
     decode) run_bench decode "${DECODE_TIMEOUT_S:-$(pick 180 320)}" ${DECODE_ARGS:-} ;;
-    *) echo "unknown benchmark '$b' (quantize, gemm, decode)"; FAILED+=("$b(unknown)") ;;
+    decode_tp) run_bench decode_tp "${DECODE_TP_TIMEOUT_S:-$(pick 200 400)}" ${DECODE_TP_ARGS:-} ;;
+    *) echo "unknown benchmark '$b' (quantize, gemm, decode, decode_tp)"; FAILED+=("$b(unknown)") ;;
   esac
 done
 

@@ -84,6 +84,9 @@ class Settings:
     l2_bytes: int = DEFAULT_GPU_L2_BYTES
     platform: str = "gpu"
     ncu_worker: bool = False
+    # Device planes whose events count (None: all). A multi-GPU program sets
+    # one GPU's plane, so device time is that GPU's busy time per call.
+    device_planes: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -219,7 +222,8 @@ def _trace_group(cases: Sequence[Case], s: Settings, group_name: str) -> None:
         finally:
             jax.profiler.stop_trace()
         pd, path = _load_trace(logdir)
-        assigned, diag = assign_group_events(pd, keys, s.platform, s.gap_s * 1e9, n_calls=n_calls)
+        assigned, diag = assign_group_events(pd, keys, s.platform, s.gap_s * 1e9, n_calls=n_calls,
+                                             planes=s.device_planes)
         kinds = diag.get("timing_kinds") or ["kernel"]
         timings = {}
         if assigned is not None:

@@ -12,12 +12,18 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 import statistics
 import warnings
 from typing import Any, Sequence
 
 from benchmarks.common import ANNOTATION_PREFIX, summarize
 
+
+# Kernels that are inter-device collectives: NCCL's or XLA's own all-reduce kernels on GPUs,
+# ops named after the collective (e.g. psum) on CPU.
+COLLECTIVE_KERNEL = re.compile(r"nccl|psum|all_?reduce|all-reduce|all_?gather|all-gather|reduce_?scatter|"
+                               r"reduce-scatter|all_?to_?all|collective", re.IGNORECASE)
 
 # Device-plane lines that are derived summaries, never raw activity.
 _DERIVED_LINES = (
@@ -73,13 +79,15 @@ def describe_planes(profile_data) -> dict[str, list[str]]:
     return {p.name: [ln.name for ln in p.lines] for p in profile_data.planes}
 
 
-def extract_device_events(profile_data, platform: str) -> tuple[list[DeviceEvent], dict]:
+def extract_device_events(profile_data, platform: str, only_planes: Sequence[str] | None = None
+                          ) -> tuple[list[DeviceEvent], dict]:
     """Device activity events of a trace, and diagnostics.
 
     GPU (``platform`` 'gpu'/'cuda'/'rocm'): every event on the ``Stream #..``
     lines of planes ``/device:GPU:<n>`` (if a plane has no such line, all its
-    non-derived lines, with a warning). CPU: XLA op events (stat ``hlo_op``)
-    on ``/host:CPU``.
+    non-derived lines, with a warning); ``only_planes`` (e.g. ``["/device:GPU:0"]``)
+    keeps only those planes: on several GPUs, one GPU's time per call, not the
+    sum over GPUs. CPU: XLA op events (stat ``hlo_op``) on ``/host:CPU``.
     """
     diag: dict[str, Any] = {"warnings": [], "device_planes": [], "lines_used": []}
     events: list[DeviceEvent] = []
@@ -99,7 +107,7 @@ def extract_device_events(profile_data, platform: str) -> tuple[list[DeviceEvent
         return events, diag
     prefix = "/device:GPU:" if platform in ("gpu", "cuda", "rocm") else "/device:"
     for plane in planes:
-        if not plane.name.startswith(prefix):
+        if not plane.name.startswith(prefix) or (only_planes is not None and plane.name not in only_planes):
             continue
         diag["device_planes"].append(plane.name)
         lines = list(plane.lines)
@@ -191,13 +199,15 @@ def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int =
     """Per-call device time of one case from its events (``n_calls`` includes ``drop_first``).
 
     Returns {time_us: summarize(sum of durations per call), span_us (median
-    first-start..last-end per call), kernels_per_call, kernels: [{name,
-    median_us}] (when every call ran the same sequence), memcpy_us_per_call,
-    memset_us_per_call, method, error}.
+    first-start..last-end per call), collective_time_us (summarize(sum of the
+    durations of collective kernels, ``COLLECTIVE_KERNEL``, per call); a
+    collective kernel's duration includes waiting for its peers),
+    kernels_per_call, kernels: [{name, median_us}] (when every call ran the
+    same sequence), memcpy_us_per_call, memset_us_per_call, method, error}.
     """
     timed = [e for e in events if e.kind in kinds]
     out: dict[str, Any] = {
-        "time_us": None, "span_us": None, "kernels_per_call": None, "kernels": [],
+        "time_us": None, "span_us": None, "collective_time_us": None, "kernels_per_call": None, "kernels": [],
         "memcpy_us_per_call": sum(e.duration_ns for e in events if e.kind == "memcpy") / 1e3 / n_calls,
         "memset_us_per_call": sum(e.duration_ns for e in events if e.kind == "memset") / 1e3 / n_calls,
         "memcpys_per_call": sum(1 for e in events if e.kind == "memcpy") / n_calls,
@@ -211,6 +221,8 @@ def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int =
     calls = calls[drop_first:]
     out["method"] = method
     out["time_us"] = summarize(sum(e.duration_ns for e in c) / 1e3 for c in calls)
+    out["collective_time_us"] = summarize(
+        sum(e.duration_ns for e in c if COLLECTIVE_KERNEL.search(e.name)) / 1e3 for c in calls)
     spans = [(max(e.end_ns for e in c) - min(e.start_ns for e in c)) / 1e3 for c in calls if c]
     out["span_us"] = statistics.median(spans) if spans else None
     counts = [len(c) for c in calls]
@@ -254,7 +266,8 @@ def _uneven_case(assign: dict[str, list[DeviceEvent]], keys: Sequence[str], kind
 
 
 def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns: float,
-                        n_calls: int | None = None) -> tuple[dict[str, list[DeviceEvent]] | None, dict]:
+                        n_calls: int | None = None, planes: Sequence[str] | None = None
+                        ) -> tuple[dict[str, list[DeviceEvent]] | None, dict]:
     """Assigns a group trace's device events to its cases (annotation ``keys``, in run order).
 
     Two independent methods: the host annotation windows (tolerance 0.4 x
@@ -266,10 +279,11 @@ def assign_group_events(profile_data, keys: Sequence[str], platform: str, gap_ns
     per case) is given and only the annotation windows split every case into
     ``n_calls`` calls of the same size: then a pause inside a case was longer
     than the inserted gap (e.g. the host instantiating a CUDA graph during a
-    call) and the windows win, with a warning. Returns ({key: events},
+    call) and the windows win, with a warning. ``planes``: ``only_planes`` of
+    ``extract_device_events``. Returns ({key: events},
     diagnostics) or (None, diagnostics) with ``diag['error']`` set.
     """
-    events, diag = extract_device_events(profile_data, platform)
+    events, diag = extract_device_events(profile_data, platform, planes)
     kinds = timing_kinds(events)
     diag["timing_kinds"] = list(kinds)
     diag["n_events"] = len(events)

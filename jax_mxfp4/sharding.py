@@ -110,6 +110,28 @@ def shard_weights(w_packed, w_scales, mesh: Mesh, *, n_axis=None, k_axis=None):
     return jax.device_put(w_packed, packed_sharding), jax.device_put(w_scales, scales_sharding)
 
 
+def explicit_linear_sharding(x, w):
+    """Result sharding of ``x[..., K] @ w[N, K]^T`` on an explicit-axes mesh, else None.
+
+    With ``jax.sharding.AxisType.Explicit`` axes, jnp ops need the result's
+    sharding when the contracted K is split (JAX then sums the partial
+    products, one all-reduce); it is x's leading dims' axes, then w's N axes
+    (unless x already uses one of them). None when the operands are not typed
+    with an explicit-axes mesh (Auto meshes, no mesh, or inside shard_map).
+    """
+    x_sh, w_sh = getattr(jax.typeof(x), "sharding", None), getattr(jax.typeof(w), "sharding", None)
+    mesh = getattr(x_sh, "mesh", None)
+    if mesh is None or getattr(mesh, "empty", True):
+        return None
+    if not any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+        return None
+    lead = spec_axes(x_sh, x.ndim)[:-1]
+    n_axes = spec_axes(w_sh, 2)[0] if w_sh is not None else ()
+    if set(n_axes) & {a for axes in lead for a in axes}:
+        n_axes = ()
+    return NamedSharding(mesh, to_spec([*lead, n_axes]))
+
+
 # ---------------------------------------------------------------------------
 # Helpers for partition rules.
 

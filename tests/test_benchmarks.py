@@ -7,13 +7,16 @@ tables, ncu, README report); shared builders are in tests/bench_support.py.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 from bench_support import _case, _gcase, fake_result  # first: it makes the benchmarks package importable
 
-from benchmarks import bench_decode, bench_gemm, bench_quantize
+from benchmarks import bench_decode, bench_decode_tp, bench_gemm, bench_quantize
 from benchmarks import harness as H
 
 
@@ -218,6 +221,69 @@ def test_decode_layer_shapes_consistent():
     y = bench_decode.decoder_layer(x, layers[0], *caches[0], cfg, bench_decode.make_linear("bf16"), True)
     assert y.shape == x.shape and bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
     assert math.isclose(float(bench_decode.rope(jnp.ones((1, 1, 64)), 0, 1e4).astype(jnp.float32).sum()), 64.0)
+
+
+def test_decode_tp_shards_are_the_megatron_split():
+    """Column-parallel shards take slice i of every segment (q|k|v, gate|up); row-parallel
+    shards take K chunk i in whole blocks; the shards' products reassemble the global one."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_mxfp4 import reference
+
+    cfg = bench_decode_tp.D.SMOKE
+    tp = 2
+    packed, scales = bench_decode.random_mxfp4(jax.random.PRNGKey(3), cfg.hidden, cfg.qkv_out)  # wqkv
+    w = np.asarray(reference.dequantize_reference(packed, scales, dtype=jnp.float32))  # [N, K]
+    seg = bench_decode_tp.column_segments(cfg, "wqkv")
+    q, kk, v = np.split(w, np.cumsum(seg)[:-1])
+    for i in range(tp):
+        ps = bench_decode_tp.shard_rows(packed, seg, tp, i, axis=0)
+        ss = bench_decode_tp.shard_rows(scales, seg, tp, i, axis=0)
+        got = np.asarray(reference.dequantize_reference(ps, ss, dtype=jnp.float32))
+        want = np.concatenate([part[i * len(part) // tp:(i + 1) * len(part) // tp] for part in (q, kk, v)])
+        np.testing.assert_array_equal(got, want)
+    # Row-parallel (wd: K = intermediate): K chunks of whole blocks; partial products sum to the whole.
+    packed, scales = bench_decode.random_mxfp4(jax.random.PRNGKey(4), cfg.intermediate, cfg.hidden)
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (3, cfg.intermediate)), np.float64)
+    w = np.asarray(reference.dequantize_reference(packed, scales, dtype=jnp.float32), np.float64)
+    total = 0
+    for i in range(tp):
+        ps = bench_decode_tp.shard_rows(packed, None, tp, i, axis=1, block=2)
+        ss = bench_decode_tp.shard_rows(scales, None, tp, i, axis=1, block=32)
+        wi = np.asarray(reference.dequantize_reference(ps, ss, dtype=jnp.float32), np.float64)
+        k0 = i * cfg.intermediate // tp
+        np.testing.assert_array_equal(wi, w[:, k0:k0 + cfg.intermediate // tp])
+        total = total + x[:, k0:k0 + wi.shape[1]] @ wi.T
+    np.testing.assert_allclose(total, x @ w.T, rtol=1e-12, atol=1e-12)
+    assert bench_decode_tp.column_segments(cfg, "wo") is None
+    with pytest.raises(ValueError, match="whole units"):
+        bench_decode_tp.shard_rows(scales, None, 3, 0, axis=1, block=32)  # 512 / 3 elements
+    with pytest.raises(ValueError, match="--tp 3 must divide heads=4"):
+        bench_decode_tp.local_config(cfg, 3)
+
+
+def test_bench_decode_tp_cpu_two_devices(tmp_path):
+    """The whole tensor-parallel benchmark on 2 host CPU devices (a subprocess: the device
+    count is fixed when jax starts): tp2 output equals tp1's, all-reduce time recorded."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    code = ("import sys; sys.path.append(sys.argv[1]); from benchmarks import bench_decode_tp as b; "
+            "sys.exit(b.main(sys.argv[2:]))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code, root, "--cpu-smoke", "--no-results", "--no-compile-cache",
+                           "--out", str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    (path,) = [p for p in os.listdir(tmp_path) if p.endswith(".json")]
+    r = H.load_result(str(tmp_path / path))
+    assert r["device"]["count"] == 2 and r["params"]["tp"] == [1, 2]
+    assert sorted({c["impl"] for c in r["cases"]}) == ["bf16_tp1", "bf16_tp2", "mxfp4_tp1", "mxfp4_tp2"]
+    assert len(r["targets"]) == 4 and all(t["status"] == "PASS" for t in r["targets"]), json.dumps(r["targets"])
+    for c in r["cases"]:
+        assert c["check"]["finite"]
+        if c["impl"].endswith("tp2"):  # (tp1 may keep a trivial one-device all-reduce op)
+            assert c["collective_time_us"]["median"] > 0 and 0 < c["metrics"]["collective_share"] < 1, c
 
 
 # ---------------------------------------------------------------------------

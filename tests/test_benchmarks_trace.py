@@ -244,3 +244,19 @@ def test_memset_details_stat_any_case():
     lines = {"Stream #1": [("cuMemsetD32Async", 10.0, 1.0, MEMSET), ("k", 12.0, 2.0, KD)]}
     events, _ = H.extract_device_events(XSpaceBuilder().plane("/device:GPU:0", lines).profile(), "gpu")
     assert sorted(e.kind for e in events) == ["kernel", "memset"]
+
+
+def test_only_planes_keeps_one_gpu():
+    """On several GPUs, ``only_planes`` counts one GPU's events (its busy time), not the sum over GPUs."""
+    builder = XSpaceBuilder()
+    builder.plane("/device:GPU:0", {"Stream #1": [("gemm", 10.0, 10.0, KD), ("ncclDevKernel_AllReduce", 20.0, 5.0, KD),
+                                                  ("gemm", 110.0, 10.0, KD), ("ncclDevKernel_AllReduce", 120.0, 5.0, KD)]})
+    builder.plane("/device:GPU:1", {"Stream #1": [("gemm", 10.0, 12.0, KD), ("gemm", 110.0, 12.0, KD)]})
+    pd = builder.profile()
+    both, _ = H.extract_device_events(pd, "gpu")
+    gpu0, diag = H.extract_device_events(pd, "gpu", only_planes=["/device:GPU:0"])
+    assert len(both) == 6 and [e.name for e in gpu0] == ["gemm", "ncclDevKernel_AllReduce"] * 2
+    assert diag["device_planes"] == ["/device:GPU:0"]
+    t = H.device_timing(gpu0, 2, drop_first=0)
+    assert t["time_us"]["median"] == pytest.approx(15.0)
+    assert t["collective_time_us"]["median"] == pytest.approx(5.0)

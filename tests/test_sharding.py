@@ -1,4 +1,4 @@
-"""Sharded quantize and GEMM on 8 host CPU devices (DESIGN.md section 8).
+"""Sharded quantize and GEMM on 8 host CPU devices and on the GPUs of one host (DESIGN.md section 8).
 
 The checks need ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set
 before jax starts, while the rest of the suite must see one device. So pytest
@@ -8,6 +8,16 @@ every case below on 2x4 ("dp", "tp") and 1x8 meshes and writes one result per
 case. Each pytest test reports one case: on failure it shows the worker's
 assertion message and traceback, plus the collective counts of the compiled
 HLO. Run one case by hand with ``python tests/test_sharding.py --only CASE``.
+
+On a machine with 2 or more GPUs the same cases run once more on the GPUs
+(``test_sharded_on_gpus``, marked ``gpu``; by hand: ``python
+tests/test_sharding.py --platform gpu``): the meshes become ``1 x n``
+(``dp`` of size 1 when n < 4), the GEMMs partitioned by the primitives' rules
+use the ``xla`` kernel (the GPU kernel with partitioning rules) where the CPU
+run uses ``cpu``, and the ``shard_map`` cases run the registry's kernel on
+each GPU (Marlin on Ampere/Hopper). A case whose expectation is about its
+8-way split (``min_devices``) or that tests the CPU handler only
+(``cpu_only``) is skipped there, with the reason.
 
 What is checked, per case:
 * results equal the unsharded ones: bit for bit for quantize (blockwise along
@@ -40,12 +50,35 @@ import pytest
 
 WORKER_DEVICES = 8
 CASES: dict = {}
+PLATFORM = "cpu"  # the worker's platform: "cpu" (8 host devices) or "gpu" (--platform gpu)
 
 
-def case(fn):
-    """Registers a worker case (run only in the 8-device subprocess)."""
-    CASES[fn.__name__] = fn
-    return fn
+def case(fn=None, *, min_devices: int = 2, cpu_only: str | None = None):
+    """Registers a worker case (run only in the worker subprocess).
+
+    ``min_devices``: the case's expectations hold only for a split this wide
+    (its meshes' ``2x4``/``1x8`` shapes); ``cpu_only``: why it runs on the CPU
+    devices only.
+    """
+    def register(f):
+        f.min_devices, f.cpu_only = min_devices, cpu_only
+        CASES[f.__name__] = f
+        return f
+
+    return register(fn) if fn is not None else register
+
+
+PLAN_ONLY = "the GEMM primitive's resharding plan (the GPUs' partitioned GEMM is the xla kernel, plain jnp that XLA partitions itself)"
+
+
+def partitioned_kernel() -> str:
+    """The kernel of the GEMMs that the primitives' partitioning rules split."""
+    return "cpu" if PLATFORM == "cpu" else "xla"
+
+
+def local_kernel():
+    """The kernel of the ``shard_map`` cases' local GEMMs: the registry's choice on GPUs."""
+    return "cpu" if PLATFORM == "cpu" else None
 
 
 # ---------------------------------------------------------------------------
@@ -75,6 +108,38 @@ def worker_results(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+def _gpu_count() -> int:
+    import jax
+
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:
+        return 0
+
+
+@pytest.fixture(scope="module")
+def gpu_worker_results(tmp_path_factory):
+    import jax_mxfp4
+
+    if _gpu_count() < 2:
+        pytest.skip(f"needs 2 or more GPUs on one host; jax sees {_gpu_count()}")
+    out = tmp_path_factory.mktemp("sharding_gpu") / "results.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")}
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(jax_mxfp4.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--platform", "gpu", "--worker", str(out)],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    if proc.returncode != 0 or not out.exists():
+        pytest.fail(
+            f"the GPU sharding worker failed (exit {proc.returncode}).\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}",
+            pytrace=False,
+        )
+    return json.loads(out.read_text())
+
+
 # ---------------------------------------------------------------------------
 # Worker helpers (8-device subprocess only; jax is imported lazily so that
 # collecting this file costs nothing).
@@ -89,13 +154,22 @@ def collectives(hlo: str) -> dict:
     return counts
 
 
+def mesh_shapes() -> dict[str, tuple[int, int]]:
+    """The cases' two meshes: 2x4 and 1x8 on 8 devices; on n < 8 (GPUs) 2 x n/2 (n >= 4) or 1 x n, and 1 x n."""
+    import jax
+
+    n = min(jax.device_count(), WORKER_DEVICES)
+    return {"2x4": (2, n // 2) if n >= 4 else (1, n), "1x8": (1, n)}
+
+
 def meshes():
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
-    devices = np.array(jax.devices()[:WORKER_DEVICES])
-    return {"2x4": Mesh(devices.reshape(2, 4), ("dp", "tp")), "1x8": Mesh(devices.reshape(1, 8), ("dp", "tp"))}
+    shapes = mesh_shapes()
+    devices = np.array(jax.devices()[:shapes["1x8"][1]])
+    return {name: Mesh(devices.reshape(shape), ("dp", "tp")) for name, shape in shapes.items()}
 
 
 def put(mesh, array, *spec):
@@ -217,7 +291,7 @@ def quantize_linear_k_over_both_axes_2x4():
     return _quantize_case("2x4", (8, 256), (None, ("dp", "tp")), "linear", dtype="float16")
 
 
-@case
+@case(min_devices=8)
 def quantize_swizzled_tokens_and_k_2x4():
     # 128 rows and 128 elements of K per shard: whole tiles, one row tile each.
     return _quantize_case("2x4", (256, 512), ("dp", "tp"), "swizzled_128x4")
@@ -242,7 +316,7 @@ def quantize_swizzled_inner_token_dim_resharded():
                           expect_warning=r"interleave the rows")
 
 
-@case
+@case(min_devices=8)
 def quantize_swizzled_partial_row_tile_resharded():
     # 64 rows over 2 shards would pad each shard's rows to 128 separately: not
     # the global buffer, so x is gathered instead (with a warning).
@@ -256,13 +330,13 @@ def quantize_swizzled_k_with_many_rows_resharded():
                           expect_warning=r"at most 128 rows")
 
 
-@case
+@case(min_devices=8)
 def quantize_k_not_whole_blocks_resharded():
     # 64 elements over 8 shards = 8 per shard: not whole 32-element blocks.
     return _quantize_case("1x8", (16, 64), (None, "tp"), "linear", expect_warning=r"whole 32-element blocks")
 
 
-@case
+@case(min_devices=8)
 def weight_sharding_helpers():
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -334,7 +408,7 @@ def _gemm_cases(kernel, activation_format):
 
     for fn in (column_parallel, row_parallel, row_parallel_3d_1x8, column_parallel_1x8):
         fn.__name__ = f"gemm_{tag}_{fn.__name__}"
-        case(fn)
+        case(fn, cpu_only="the CPU handler's cases (the GPU run has the xla_* ones)" if kernel == "cpu" else None)
 
 
 for _kernel in ("cpu", "xla"):
@@ -345,36 +419,36 @@ for _kernel in ("cpu", "xla"):
 @case
 def gemm_cpu_row_parallel_slices_replicated_x():
     # x replicated, weights split along K: x is sliced locally (no gather).
-    return _gemm_case("2x4", (16, K), ("dp", None), (None, "tp"), "cpu", all_reduces=1)
+    return _gemm_case("2x4", (16, K), ("dp", None), (None, "tp"), partitioned_kernel(), all_reduces=1)
 
 
-@case
+@case(min_devices=8)
 def gemm_cpu_n_and_k_split():
     # N over tp and K over dp at once: one all-reduce over dp.
-    return _gemm_case("2x4", (8, K), (None, "dp"), ("tp", "dp"), "cpu", "mxfp4", all_reduces=1, dtype="float16")
+    return _gemm_case("2x4", (8, K), (None, "dp"), ("tp", "dp"), partitioned_kernel(), "mxfp4", all_reduces=1, dtype="float16")
 
 
 @case
 def gemm_cpu_row_parallel_float32_precision():
     # float32 activations: the all-reduce sums float32 partials (no bf16 rounding).
-    return _gemm_case("1x8", (4, K), (None, "tp"), (None, "tp"), "cpu", all_reduces=1, dtype="float32")
+    return _gemm_case("1x8", (4, K), (None, "tp"), (None, "tp"), partitioned_kernel(), all_reduces=1, dtype="float32")
 
 
-@case
+@case(cpu_only=PLAN_ONLY)
 def gemm_cpu_x_k_axis_differs_from_weights():
     # x split along K over dp, weights over tp: x is resharded to the weights' split.
-    return _gemm_case("2x4", (16, K), (None, "dp"), (None, "tp"), "cpu", all_reduces=1,
+    return _gemm_case("2x4", (16, K), (None, "dp"), (None, "tp"), partitioned_kernel(), all_reduces=1,
                       expect_warning=r"x \(16, 512\) P\(None, 'dp'\) -> P\(None, 'tp'\)")
 
 
-@case
+@case(cpu_only=PLAN_ONLY)
 def gemm_cpu_tokens_on_weight_axis_resharded():
     # x's tokens and the weights' N on the same mesh axis: x gives way (weights are never gathered).
-    return _gemm_case("2x4", (16, K), ("tp", None), ("tp", None), "cpu", all_reduces=0,
+    return _gemm_case("2x4", (16, K), ("tp", None), ("tp", None), partitioned_kernel(), all_reduces=0,
                       expect_warning=r"used by the weights")
 
 
-@case
+@case(min_devices=8, cpu_only=PLAN_ONLY)
 def gemm_cpu_weights_k_not_whole_blocks():
     # packed split into 8-byte (16-element) K shards: not whole blocks -> replicated along K.
     import jax_mxfp4
@@ -382,7 +456,7 @@ def gemm_cpu_weights_k_not_whole_blocks():
     mesh = meshes()["1x8"]
     x = activations((4, 128))
     wp, ws = weights(64, 128)
-    fn = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="cpu")  # noqa: E731
+    fn = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel=partitioned_kernel())  # noqa: E731
     y, metrics = compile_and_run(fn, put(mesh, x), put(mesh, wp, None, "tp"), put(mesh, ws),
                                  expect_warning=r"whole 32-element blocks")
     assert_equal(y, unsharded(fn, x, wp, ws), "y vs unsharded")
@@ -403,8 +477,8 @@ def mlp_megatron_one_all_reduce():
     w2p, w2s = weights(256, 512)
 
     def mlp(a, p1, s1, p2, s2):
-        h = jax.nn.relu(jax_mxfp4.mxfp4_matmul(a, p1, s1, kernel="cpu", activation_format="mxfp4"))
-        return jax_mxfp4.mxfp4_matmul(h, p2, s2, kernel="cpu", activation_format="mxfp4")
+        h = jax.nn.relu(jax_mxfp4.mxfp4_matmul(a, p1, s1, kernel=partitioned_kernel(), activation_format="mxfp4"))
+        return jax_mxfp4.mxfp4_matmul(h, p2, s2, kernel=partitioned_kernel(), activation_format="mxfp4")
 
     args = (put(mesh, x, "dp", None), put(mesh, w1p, "tp", None), put(mesh, w1s, "tp", None),
             put(mesh, w2p, None, "tp"), put(mesh, w2s, None, "tp"))
@@ -412,7 +486,7 @@ def mlp_megatron_one_all_reduce():
     no_gathers(metrics, "MLP")
     assert metrics["all-reduce"] == 1, f"expected exactly one all-reduce: {metrics}"
     assert y.sharding.spec[0] == "dp"
-    h = unsharded(lambda a, p, s: jax.nn.relu(jax_mxfp4.mxfp4_matmul(a, p, s, kernel="cpu", activation_format="mxfp4")),
+    h = unsharded(lambda a, p, s: jax.nn.relu(jax_mxfp4.mxfp4_matmul(a, p, s, kernel=partitioned_kernel(), activation_format="mxfp4")),
                   x, w1p, w1s)
     assert_within_tolerance(y, h, w2p, w2s, "mxfp4", "MLP output vs reference on the unsharded hidden layer")
     assert jnp.all(jnp.isfinite(y.astype(jnp.float32)))
@@ -432,12 +506,16 @@ def shard_map_column_and_row_parallel():
     import jax_mxfp4
 
     mesh = meshes()["2x4"]
-    x = activations((16, K), "float32")
+    # float32 x on CPU (the handler's exact path); bf16 on GPUs, the Marlin kernel's dtype.
+    x = activations((16, K), "float32" if PLATFORM == "cpu" else "bfloat16")
     wp, ws = weights(N, K)
-    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="cpu")  # noqa: E731
+    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel=local_kernel())  # noqa: E731
     col = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P("dp", None), P("tp", None), P("tp", None)),
                                 out_specs=P("dp", "tp")))
-    assert_equal(col(x, wp, ws), unsharded(f, x, wp, ws), "column-parallel shard_map vs unsharded")
+    if PLATFORM == "cpu":
+        assert_equal(col(x, wp, ws), unsharded(f, x, wp, ws), "column-parallel shard_map vs unsharded")
+    else:  # each GPU's local N may get another launch plan: same math, other accumulation order
+        assert_within_tolerance(col(x, wp, ws), x, wp, ws, what="column-parallel shard_map")
     # Row-parallel: float32 partials, one psum, then the single rounding (what the primitive does).
     row = jax.jit(jax.shard_map(
         lambda a, p, s: jax.lax.psum(f(a.astype(jnp.float32), p, s), "tp").astype(a.dtype),
@@ -472,7 +550,7 @@ def shard_map_quantize_local_shards_concatenate():
 # Other partitioners and modes.
 
 
-@case
+@case(min_devices=8)
 def gspmd_partitioner():
     """The legacy GSPMD path (``infer_sharding_from_operands``) gives the same programs."""
     import jax
@@ -481,7 +559,7 @@ def gspmd_partitioner():
     jax.config.update("jax_use_shardy_partitioner", False)
     try:
         _quantize_case("2x4", (256, 512), ("dp", "tp"), "swizzled_128x4")
-        return _gemm_case("2x4", (16, K), ("dp", "tp"), (None, "tp"), "cpu", "mxfp4", all_reduces=1)
+        return _gemm_case("2x4", (16, K), ("dp", "tp"), (None, "tp"), partitioned_kernel(), "mxfp4", all_reduces=1)
     finally:
         jax.config.update("jax_use_shardy_partitioner", previous)
 
@@ -494,11 +572,12 @@ def explicit_axes_types_follow_the_plan():
 
     import jax_mxfp4
 
-    mesh = jax.make_mesh((2, 4), ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
+                         devices=meshes()["2x4"].devices.flat)
     x = activations((16, K))
     wp, ws = weights(N, K)
     args = (put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
-    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="cpu")  # noqa: E731
+    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel=partitioned_kernel())  # noqa: E731
     y_type = jax.eval_shape(f, *args)
     assert y_type.sharding.spec == P("dp", None), y_type.sharding
     y, metrics = compile_and_run(f, *args)
@@ -516,13 +595,35 @@ def explicit_axes_w4a4():
 
     import jax_mxfp4
 
-    mesh = jax.make_mesh((2, 4), ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
+                         devices=meshes()["2x4"].devices.flat)
     x = activations((16, K))
     wp, ws = weights(N, K)
-    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="cpu", activation_format="mxfp4")  # noqa: E731
+    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel=partitioned_kernel(), activation_format="mxfp4")  # noqa: E731
     y, metrics = compile_and_run(f, put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
     no_gathers(metrics, "explicit-axes W4A4")
     assert_within_tolerance(y, x, wp, ws, "mxfp4")
+    return metrics
+
+
+@case
+def explicit_axes_xla_kernel_row_parallel():
+    """The xla kernel (plain jnp) under explicit axes: a split K needs the result sharding given."""
+    import jax
+    from jax.sharding import AxisType, PartitionSpec as P
+
+    import jax_mxfp4
+
+    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
+                         devices=meshes()["2x4"].devices.flat)
+    x = activations((16, K))
+    wp, ws = weights(N, K)
+    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="xla")  # noqa: E731
+    y, metrics = compile_and_run(f, put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
+    no_gathers(metrics, "explicit-axes xla kernel")
+    assert metrics["all-reduce"] == 1, metrics
+    assert y.sharding.spec == P("dp", None), y.sharding
+    assert_within_tolerance(y, x, wp, ws)
     return metrics
 
 
@@ -531,7 +632,7 @@ def explicit_axes_w4a4():
 # (what the Marlin and SM100 GEMM primitives do), including a workspace.
 
 
-@case
+@case(cpu_only="the toy primitive has a CPU lowering only")
 def generic_primitive_with_workspace():
     import jax
     import jax.numpy as jnp
@@ -598,11 +699,24 @@ def generic_primitive_with_workspace():
 def test_sharded(name, worker_results):
     result = worker_results.get(name)
     assert result is not None, f"the worker did not report case {name!r}"
+    if result.get("skipped"):
+        pytest.skip(result["skipped"])
     known = getattr(CASES[name], "known_failure", None)
     if known and not result["ok"]:
         pytest.xfail(known)
     if not result["ok"]:
         pytest.fail(f"{name}: {result['detail']}\ncollectives: {result.get('metrics')}", pytrace=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_on_gpus(name, gpu_worker_results):
+    result = gpu_worker_results.get(name)
+    assert result is not None, f"the GPU worker did not report case {name!r}"
+    if result.get("skipped"):
+        pytest.skip(result["skipped"])
+    if not result["ok"]:
+        pytest.fail(f"{name} on GPUs: {result['detail']}\ncollectives: {result.get('metrics')}", pytrace=False)
 
 
 # ---------------------------------------------------------------------------
@@ -612,12 +726,26 @@ def test_sharded(name, worker_results):
 def _run_worker(out_path, only=None):
     import jax
 
-    assert jax.device_count() >= WORKER_DEVICES, (
-        f"the worker needs {WORKER_DEVICES} devices; got {jax.device_count()} "
-        "(XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax starts)")
+    n = jax.device_count()
+    if PLATFORM == "cpu":
+        assert n >= WORKER_DEVICES, (
+            f"the worker needs {WORKER_DEVICES} devices; got {n} "
+            "(XLA_FLAGS=--xla_force_host_platform_device_count=8 must be set before jax starts)")
+    else:
+        assert jax.devices()[0].platform == "gpu" and n >= 2, f"the GPU worker needs 2 or more GPUs: {jax.devices()}"
+    print(f"devices: {n} x {jax.devices()[0].device_kind}; meshes {mesh_shapes()}", flush=True)
     results = {}
     for name, fn in CASES.items():
         if only and name not in only:
+            continue
+        skip = None
+        if PLATFORM != "cpu" and fn.cpu_only:
+            skip = f"CPU only: {fn.cpu_only}"
+        elif min(n, WORKER_DEVICES) < fn.min_devices:
+            skip = f"its expectations are about a {fn.min_devices}-way split; this run has {n} devices"
+        if skip:
+            results[name] = {"ok": None, "skipped": skip, "detail": "", "metrics": None}
+            print(f"{name}: skipped ({skip})", flush=True)
             continue
         start = time.perf_counter()
         try:
@@ -636,7 +764,10 @@ def _run_worker(out_path, only=None):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    if "--worker" not in args and "XLA_FLAGS" not in os.environ:
+    if "--platform" in args:
+        PLATFORM = args[args.index("--platform") + 1]
+        assert PLATFORM in ("cpu", "gpu"), f"--platform {PLATFORM}: cpu or gpu"
+    if "--worker" not in args and "XLA_FLAGS" not in os.environ and PLATFORM == "cpu":
         # Run by hand: restart with the device-count flag set.
         env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={WORKER_DEVICES}",
                    JAX_PLATFORMS="cpu")
@@ -646,5 +777,5 @@ if __name__ == "__main__":
     res = _run_worker(out, only)
     if not out:
         for name, r in res.items():
-            if not r["ok"]:
+            if r["ok"] is False:
                 print(f"\n=== {name}\n{r['detail']}")

@@ -12,10 +12,13 @@
 #     tests       pytest -m gpu: the GPU tests (the CPU suite is CI's job)
 #     tests:FILE  the GPU tests of one test file
 #     tests-cpu   the rest of the suite on the same machine
+#     example:NAME  python examples/NAME.py (e.g. example:tensor_parallel on 2 GPUs)
 #     selftest    build + run the standalone Marlin self-test (csrc/marlin), --quick
 #     selftest-full  the self-test's whole grid (correctness + timing of every config)
 #     sanitize    compute-sanitizer memcheck + racecheck: Marlin self-test --quick and
 #                 the JAX-driven kernels (tools/sanitizer_driver.py)
+#     profile     Nsight Compute (--set detailed) of the quantize kernel and the Marlin GEMM at
+#                 the target shapes (tools/profile_driver.py); reports in profile_*.log
 #     bench-quick           benchmarks/run_all.sh --quick
 #     bench:NAMES           benchmarks/run_all.sh --only NAMES (e.g. bench:quantize,decode)
 # Logs and benchmark results collect in /tmp/session and are packed into
@@ -46,6 +49,7 @@ for stage in "$@"; do
     tests:*) run "tests_gpu_$(basename "${stage#tests:}" .py)" pytest -v -rs -m gpu -p no:cacheprovider \
                -o faulthandler_timeout=60 --durations=10 "${stage#tests:}" ;;
     tests-cpu) run tests_cpu pytest -q -rs -m "not gpu" -p no:cacheprovider tests ;;
+    example:*) run "example_${stage#example:}" python3 "examples/${stage#example:}.py" ;;
     selftest)
       run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
         csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
@@ -59,6 +63,12 @@ for stage in "$@"; do
       run memcheck_quantize tools/sanitize.sh memcheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
       run racecheck_quantize tools/sanitize.sh racecheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
       run memcheck_marlin_ffi tools/sanitize.sh memcheck Marlin python3 tools/sanitizer_driver.py marlin ;;
+    profile)
+      for k in quantize marlin; do
+        pat=QuantizeKernel; [ $k = marlin ] && pat=Marlin
+        run "profile_$k" ncu --set detailed --clock-control none --kernel-name "regex:$pat" \
+          --launch-skip 0 python3 tools/profile_driver.py $k
+      done ;;
     bench-quick) run bench_quick bash benchmarks/run_all.sh "$LOGS/results" --quick ;;
     bench:*) run "bench_${stage#bench:}" bash benchmarks/run_all.sh "$LOGS/results" --only "${stage#bench:}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -16,6 +16,7 @@ from jax import lax
 
 from jax_mxfp4.formats import BLOCK_SIZE, E8M0_NAN
 from jax_mxfp4.kernels.base import CanonicalLayoutKernel, PreparedWeights, register_kernel
+from jax_mxfp4.sharding import explicit_linear_sharding
 
 __all__ = ["XlaDequantKernel", "dequantize_fast"]
 
@@ -29,8 +30,12 @@ def dequantize_fast(packed, scales, dtype):
     ``2**(b - 128)`` for the code 0.5), built with integer ops XLA fuses into
     one pass. Scale byte 0xFF gives NaN; overflow (6 * 2**127) gives Inf.
     """
-    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).astype(jnp.uint32)
-    codes = codes.reshape(*packed.shape[:-1], packed.shape[-1] // (BLOCK_SIZE // 2), BLOCK_SIZE)
+    # Split K/2 into (blocks, 16 bytes) before unpacking the nibbles: only the
+    # major factor of a (possibly sharded) K dim is then ever split or merged,
+    # which explicit-axes sharding (jax.sharding.AxisType.Explicit) requires.
+    blocks = packed.reshape(*packed.shape[:-1], packed.shape[-1] // (BLOCK_SIZE // 2), BLOCK_SIZE // 2)
+    codes = jnp.stack([blocks & 0xF, blocks >> 4], axis=-1).astype(jnp.uint32)
+    codes = codes.reshape(*blocks.shape[:-1], BLOCK_SIZE)
     b = scales.astype(jnp.int32)[..., None]
     e = ((codes >> 1) & 3).astype(jnp.int32)
     m = codes & 1
@@ -54,4 +59,5 @@ class XlaDequantKernel(CanonicalLayoutKernel):
 
     def matmul(self, x, weights: PreparedWeights):
         w = dequantize_fast(weights.arrays["packed"], weights.arrays["scales"], x.dtype)
-        return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32,
+                          out_sharding=explicit_linear_sharding(x, w)).astype(x.dtype)
