@@ -125,6 +125,9 @@ def gpu_worker_results(tmp_path_factory):
         pytest.skip(f"needs 2 or more GPUs on one host; jax sees {_gpu_count()}")
     out = tmp_path_factory.mktemp("sharding_gpu") / "results.json"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")}
+    # The test process holds the GPUs too: neither may take 75% of their memory up front
+    # (run pytest itself with XLA_PYTHON_CLIENT_PREALLOCATE=false, as tools/device_session.sh does).
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(jax_mxfp4.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(

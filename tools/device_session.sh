@@ -28,6 +28,9 @@ OUT=${OUT:-/tmp/out}
 LOGS=/tmp/session
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Tests may start a second jax process on the same GPUs (the multi-GPU sharding worker):
+# no process takes 75% of GPU memory up front. (Benchmarks set their own allocator.)
+export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 status=0
 run() {  # run NAME CMD...: stream to stdout and $LOGS/NAME.log, remember failures, keep going
   local name=$1; shift
