@@ -29,7 +29,8 @@ LOGS=/tmp/session
 mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Tests may start a second jax process on the same GPUs (the multi-GPU sharding worker):
-# no process takes 75% of GPU memory up front. (Benchmarks set their own allocator.)
+# no process takes 75% of GPU memory up front (jax's allocator then grows on demand; the
+# benchmarks' warm-up calls make every timed call find its memory already reserved).
 export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 status=0
 run() {  # run NAME CMD...: stream to stdout and $LOGS/NAME.log, remember failures, keep going
