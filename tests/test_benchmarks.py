@@ -279,7 +279,8 @@ def test_bench_decode_tp_cpu_two_devices(tmp_path):
     r = H.load_result(str(tmp_path / path))
     assert r["device"]["count"] == 2 and r["params"]["tp"] == [1, 2]
     assert sorted({c["impl"] for c in r["cases"]}) == ["bf16_tp1", "bf16_tp2", "mxfp4_tp1", "mxfp4_tp2"]
-    assert len(r["targets"]) == 4 and all(t["status"] == "PASS" for t in r["targets"]), json.dumps(r["targets"])
+    assert len(r["targets"]) == 2 and all(t["status"] == "PASS" for t in r["targets"]), json.dumps(r["targets"])
+    assert all(c["check"]["layer0_rel_err_vs_tp1"] <= bench_decode_tp.TP_REL_TOL for c in r["cases"] if "tp2" in c["impl"])
     for c in r["cases"]:
         assert c["check"]["finite"]
         if c["impl"].endswith("tp2"):  # (tp1 may keep a trivial one-device all-reduce op)

@@ -16,13 +16,14 @@
 #     selftest    build + run the standalone Marlin self-test (csrc/marlin), --quick
 #     selftest-full  the self-test's whole grid (correctness + timing of every config)
 #     sanitize    compute-sanitizer memcheck + racecheck: Marlin self-test --quick and
-#                 the JAX-driven kernels (tools/sanitizer_driver.py)
+#                 the JAX-driven kernels (tools/sanitizer_driver.py); sanitize-marlin and
+#                 sanitize-quantize do one kernel family each
 #     profile     Nsight Compute (--set detailed) of the quantize kernel and the Marlin GEMM at
 #                 the target shapes (tools/profile_driver.py); reports in profile_*.log
 #     bench-quick           benchmarks/run_all.sh --quick
 #     bench:NAMES           benchmarks/run_all.sh --only NAMES (e.g. bench:quantize,decode)
 # Logs and benchmark results collect in /tmp/session and are packed into
-# $OUT/session.tgz at the end (the device tool brings back a few files only).
+# $OUT/session.tgz after every stage (the device tool brings back a few files only).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LOGS=/tmp/session
@@ -42,6 +43,17 @@ run() {  # run NAME CMD...: stream to stdout and $LOGS/NAME.log, remember failur
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || status=1
 }
+sanitize_marlin() {
+  [ -x /tmp/marlin_selftest ] || run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
+    -Icsrc csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
+  run memcheck_marlin_selftest compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/marlin_selftest --quick
+  run racecheck_marlin_selftest compute-sanitizer --tool racecheck --error-exitcode 3 /tmp/marlin_selftest --quick
+  run memcheck_marlin_ffi tools/sanitize.sh memcheck Marlin python3 tools/sanitizer_driver.py marlin
+}
+sanitize_quantize() {
+  run memcheck_quantize tools/sanitize.sh memcheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
+  run racecheck_quantize tools/sanitize.sh racecheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
+}
 for stage in "$@"; do
   case $stage in *=*) export "${stage?}"; continue ;; esac  # VAR=value sets e.g. STAGE_TIMEOUT
   case $stage in
@@ -59,14 +71,9 @@ for stage in "$@"; do
         csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
       run selftest /tmp/marlin_selftest --quick ;;
     selftest-full) run selftest_full /tmp/marlin_selftest ;;
-    sanitize)
-      [ -x /tmp/marlin_selftest ] || run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-        -Icsrc csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
-      run memcheck_marlin_selftest compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/marlin_selftest --quick
-      run racecheck_marlin_selftest compute-sanitizer --tool racecheck --error-exitcode 3 /tmp/marlin_selftest --quick
-      run memcheck_quantize tools/sanitize.sh memcheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
-      run racecheck_quantize tools/sanitize.sh racecheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
-      run memcheck_marlin_ffi tools/sanitize.sh memcheck Marlin python3 tools/sanitizer_driver.py marlin ;;
+    sanitize) sanitize_marlin; sanitize_quantize ;;
+    sanitize-marlin) sanitize_marlin ;;
+    sanitize-quantize) sanitize_quantize ;;
     profile)
       for k in quantize marlin; do
         pat=QuantizeKernel; [ $k = marlin ] && pat=Marlin
@@ -77,6 +84,6 @@ for stage in "$@"; do
     bench:*) run "bench_${stage#bench:}" bash benchmarks/run_all.sh "$LOGS/results" --only "${stage#bench:}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
+  tar czf "$OUT/session.tgz" -C "$LOGS" .  # after every stage: a call cut off at its limit keeps what ran
 done
-tar czf "$OUT/session.tgz" -C "$LOGS" .
 exit $status
