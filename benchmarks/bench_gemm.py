@@ -207,6 +207,7 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
     import jax_mxfp4
     from jax_mxfp4 import reference
     from jax_mxfp4.kernels import LinearConfig, get_kernel
+    from jax_mxfp4.kernels import marlin as marlin_kernel
 
     device = jax.devices()[0]
     key = jax.random.PRNGKey(seed)
@@ -280,6 +281,10 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
             dense = jax.jit(get_kernel("marlin").dense_matmul)
             impls.append(("marlin_dense", "variant", [(pw,) for pw in prepared], dense,
                           lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
+            # ... and the kernel itself where "marlin" dispatches to the dense path.
+            kernel_only = jax.jit(get_kernel("marlin").kernel_matmul)
+            impls.append(("marlin_kernel", "variant", [(pw,) for pw in prepared], kernel_only,
+                          lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
         kern = get_kernel(name)
         for m in ms:
             ok, why = kern.can_implement(LinearConfig(k, n, jnp.bfloat16, fmt, tokens=m))
@@ -292,6 +297,9 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
         for impl, role, wsets, fn, ref_fn in impls:
             if role == "variant" and m < 64:
                 continue  # the dense path is only a candidate at large M
+            if impl == "marlin_kernel" and (marlin_kernel.DENSE_FROM_TOKENS is None
+                                            or m < marlin_kernel.DENSE_FROM_TOKENS):
+                continue  # below the crossover "marlin" is the kernel itself
             if role == "ours":
                 kern = get_kernel(impl.removesuffix("_w4a4"))
                 fmt = "mxfp4" if impl.endswith("_w4a4") else None

@@ -24,6 +24,11 @@ def device_slug(kind: str) -> str:
 
 
 def git_info(repo: str = REPO_ROOT) -> dict:
+    """{commit, dirty}: ``JAX_MXFP4_GIT_COMMIT`` when set (a copied tree, e.g. on the device
+    machine, may carry a stale .git), else the repository's HEAD."""
+    if os.environ.get("JAX_MXFP4_GIT_COMMIT"):
+        return {"commit": os.environ["JAX_MXFP4_GIT_COMMIT"], "dirty": None, "source": "JAX_MXFP4_GIT_COMMIT"}
+
     def run(*args):
         return subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=30)
 
@@ -34,7 +39,7 @@ def git_info(repo: str = REPO_ROOT) -> dict:
             return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"commit": os.environ.get("JAX_MXFP4_GIT_COMMIT", "unknown"), "dirty": None}
+    return {"commit": "unknown", "dirty": None}
 
 
 def run_metadata(benchmark: str, argv: Sequence[str] | None = None) -> dict:

@@ -20,6 +20,7 @@
 #if JAX_MXFP4_WITH_CUDA
 #include <cuda_runtime_api.h>
 
+#include "marlin/marlin_dequantize.h"
 #include "marlin/marlin_gemm.h"
 #include "quantize_cuda.h"
 #endif
@@ -51,6 +52,7 @@ nb::dict Registrations() {
   nb::dict cuda;
   cuda["jax_mxfp4_quantize"] = Capsule(jax_mxfp4::JaxMxfp4QuantizeCuda);
   cuda["jax_mxfp4_marlin_gemm"] = Capsule(MarlinMxfp4GemmFfi);
+  cuda["jax_mxfp4_marlin_dequantize"] = Capsule(MarlinDequantizeFfi);
 #if JAX_MXFP4_WITH_SM100
   cuda["jax_mxfp4_sm100_w4a4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4W4A4GemmSm100);
 #endif

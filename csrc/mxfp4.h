@@ -131,12 +131,19 @@ MXFP4_HD uint16_t F32BitsToF16Bits(uint32_t f) {
 // E2M1 and E8M0 decoding.
 
 // E2M1 magnitude code (0..7) as (t, p) with value t * 2^p, t in {0, 1, 3}.
+// Arithmetic rather than a table: a table indexed at run time would live in
+// local memory in device code.
 MXFP4_HD void E2M1Magnitude(uint32_t code3, uint32_t* t, int* p) {
-  // 0, 0.5, 1, 1.5, 2, 3, 4, 6
-  constexpr uint8_t kT[8] = {0, 1, 1, 3, 1, 3, 1, 3};
-  constexpr int8_t kP[8] = {0, -1, 0, -1, 1, 0, 2, 1};
-  *t = kT[code3 & 7u];
-  *p = kP[code3 & 7u];
+  // codes 0..7 = 0, 0.5, 1, 1.5, 2, 3, 4, 6: e = code >> 1, m = code & 1;
+  // 0.5 = 1 * 2^-1, otherwise (1 + m/2) * 2^(e-1) = (m ? 3 : 1) * 2^(e - 1 - m).
+  const uint32_t e = (code3 >> 1) & 3u, m = code3 & 1u;
+  if (e == 0) {
+    *t = m;
+    *p = m ? -1 : 0;
+    return;
+  }
+  *t = m ? 3u : 1u;
+  *p = static_cast<int>(e) - 1 - static_cast<int>(m);
 }
 
 // Float32 bits of the dequantized value code * 2^(scale_byte - 127).

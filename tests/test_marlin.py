@@ -13,7 +13,8 @@ import pytest
 
 import jax_mxfp4
 from jax_mxfp4 import kernels, reference
-from jax_mxfp4.kernels import LinearConfig
+from jax_mxfp4.kernels import LinearConfig, marlin_weights
+from jax_mxfp4.primitives import marlin_dequantize
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 BENCH_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (2880, 5760)]  # (K, N)
@@ -70,10 +71,11 @@ def test_float32_activations_are_refused():
     assert not ok and "bfloat16/float16" in reason
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(200, 4160), (96, 96), (33, 64)])
 def test_dense_path_matches_reference(dtype, n, k, rng):
-    """The large-M path (unprepare -> dequantize -> dot) is exact to the reference's math."""
+    """The large-M path (marlin_dequantize -> dot) is exact to the reference's math."""
     wp, ws = random_weights(rng, n, k)
     config = LinearConfig(k, n, activation_dtype=DTYPES[dtype])
     kernel = kernels.get_kernel("marlin")
@@ -108,6 +110,16 @@ def test_abstract_eval_of_the_kernel_call(rng):
         assert out.shape == (*shape[:-1], 200) and out.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="prepared for K=4160"):
         jax.eval_shape(kernel.matmul, jax.ShapeDtypeStruct((2, 4096), jnp.bfloat16), prepared)
+    # The large-M path's dense dequantization: [N, K] in the prepared dtype.
+    out = jax.eval_shape(kernel.dense_matmul, jax.ShapeDtypeStruct((5000, 4160), jnp.bfloat16), prepared)
+    assert out.shape == (5000, 200) and out.dtype == jnp.bfloat16
+    layout = marlin_weights.marlin_layout(200, 4160, jnp.bfloat16)
+    w = jax.eval_shape(lambda t, s: marlin_dequantize.marlin_dequantize(t, s, layout), prepared.arrays["tiles"],
+                       prepared.arrays["scales"])
+    assert w.shape == (200, 4160) and w.dtype == jnp.bfloat16
+    with pytest.raises(ValueError, match=r"tiles has shape \(129, 3584\) but a Marlin weight of N=200, K=4160 has \(130, 3584\)"):
+        jax.eval_shape(lambda t, s: marlin_dequantize.marlin_dequantize(t, s, layout),
+                       jax.ShapeDtypeStruct((129, 3584), jnp.uint8), prepared.arrays["scales"])
 
 
 # ---------------------------------------------------------------------------
@@ -186,6 +198,44 @@ def test_cuda_w4a4_layer_runs_fake_quantized_on_marlin(rng):
         with jax.default_device(cpu):
             xq = reference.fake_quantize_reference(jax.device_put(x, cpu), rounding=rounding)
         check_against_reference(y, xq, wp, ws)
+
+
+def special_scale_weights(rng, n, k):
+    """Random codes with scale rows that exercise the prepared layout's scale mapping: NaN
+    blocks, rows spanning more than the multiplier's range (flushed blocks), E8M0 bytes 0, 1
+    and 254 (subnormal and huge values), and float16 overflow."""
+    wp, ws = random_weights(rng, n, k)
+    ws = np.array(ws)
+    kb = k // 32
+    ws[0, :] = 254                              # huge: Inf in float16, exact in bfloat16
+    ws[1, :] = np.arange(kb) % 256              # 0, 1, 2, ...: the row spans far more than 2^30
+    ws[2, kb // 2] = 0xFF                       # a NaN block
+    ws[3, :] = 0                                # all subnormal (2^-127 scale)
+    ws[4, :] = rng.integers(0, 255, size=kb)    # anything
+    ws[5 % n, 0] = 1
+    return wp, jnp.asarray(ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,k", [(200, 4160), (8, 8192), (1024, 2048)])
+def test_cuda_marlin_dequantize_is_exact(dtype, n, k, rng):
+    """marlin_dequantize(prepared) == dequantize_reference(unprepare(prepared)), bit for bit
+    (NaN blocks compared as NaN), for random and special scales."""
+    for wp, ws in (random_weights(rng, n, k), special_scale_weights(rng, n, k)):
+        tiles, scales, layout = marlin_weights.prepare_marlin_weights(wp, ws, DTYPES[dtype])
+        got = jax.jit(lambda t, s: marlin_dequantize.marlin_dequantize(t, s, layout))(tiles, scales)
+        cpu = jax.devices("cpu")[0]
+        with jax.default_device(cpu):
+            up, us = marlin_weights.unprepare_marlin_weights(jax.device_put(tiles, cpu), jax.device_put(scales, cpu),
+                                                             layout)
+            want = reference.dequantize_reference(up, us, dtype=DTYPES[dtype])
+        g = np.asarray(got).view(np.uint16)
+        w_ = np.asarray(want).view(np.uint16)
+        nan = np.isnan(np.asarray(want, np.float32))
+        assert np.array_equal(np.isnan(np.asarray(got, np.float32)), nan)
+        bad = (g != w_) & ~nan
+        assert not bad.any(), f"{bad.sum()} elements differ, first at {np.argwhere(bad)[0]}"
 
 
 @pytest.mark.gpu

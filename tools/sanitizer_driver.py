@@ -5,7 +5,8 @@
 
 Covers every rounding mode and scale layout of the quantize kernel (M = 1,
 odd M and K, swizzled padding) and the Marlin GEMM at M = 1, 7, 33, 129 and
-300 with N/K residues, split-K and both activation dtypes. XLA command buffers
+300 with N/K residues, split-K and both activation dtypes, plus the dense
+dequantization of its large-M path (MarlinDequantizeKernel). XLA command buffers
 (CUDA graphs) are turned off so the sanitizer sees plain launches. Exits 0 and
 prints "sanitizer driver: N launches" when every call returned.
 """
@@ -42,6 +43,10 @@ def main(which: str):
                 x = jnp.asarray(rng.standard_normal((m, k)), dtype)
                 jax.block_until_ready(jax.jit(jax_mxfp4.mxfp4_linear)(x, prepared))
                 launches += 1
+            # The large-M path's dense dequantization (MarlinDequantizeKernel), at a small M.
+            x = jnp.asarray(rng.standard_normal((7, k)), dtype)
+            jax.block_until_ready(jax.jit(jax_mxfp4.kernels.get_kernel("marlin").dense_matmul)(x, prepared))
+            launches += 1
     print(f"sanitizer driver: {launches} launches")
 
 

@@ -19,6 +19,7 @@
 #include <string>
 
 #include "../ffi_common.h"
+#include "marlin_dequantize.h"
 #include "marlin_gemm.h"
 #include "marlin_layout.h"
 #include "xla/ffi/api/ffi.h"
@@ -99,6 +100,37 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   return ffi::Error::Success();
 }
 
+// w[N, K] = dequantize(tiles, scales) in the dtype the weights were prepared for.
+ffi::Error MarlinDequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> tiles, ffi::Buffer<ffi::U8> scales,
+                                ffi::Result<ffi::AnyBuffer> w, int64_t n, int64_t k, int32_t dtype) {
+  if (dtype != static_cast<int32_t>(InputDType::kBF16) && dtype != static_cast<int32_t>(InputDType::kF16))
+    return InvalidArgument("marlin_dequantize: dtype code " + std::to_string(dtype) +
+                           " is not bfloat16 or float16 (prepared Marlin weights are one of the two)");
+  const InputDType dt = static_cast<InputDType>(dtype);
+  const ffi::DataType want = dt == InputDType::kBF16 ? ffi::DataType::BF16 : ffi::DataType::F16;
+  if (w->element_type() != want) return InvalidArgument("marlin_dequantize: w must have the prepared dtype");
+  if (n <= 0 || k <= 0 || k % kBlockK)
+    return InvalidArgument("marlin_dequantize: N = " + std::to_string(n) + ", K = " + std::to_string(k) +
+                           ": need N > 0 and K a positive multiple of 32");
+  const PreparedShape ps = GetPreparedShape(n, k);
+  const auto t_dims = tiles.dimensions();
+  if (t_dims.size() != 2 || t_dims[0] != ps.tiles_rows || t_dims[1] != ps.tiles_cols)
+    return InvalidArgument("marlin_dequantize: tiles has shape " + ShapeString(t_dims) + ", expected [" +
+                           std::to_string(ps.tiles_rows) + ", " + std::to_string(ps.tiles_cols) + "]");
+  const auto s_dims = scales.dimensions();
+  if (s_dims.size() != 2 || s_dims[0] != ps.scales_rows || s_dims[1] != ps.scales_cols)
+    return InvalidArgument("marlin_dequantize: scales has shape " + ShapeString(s_dims) + ", expected [" +
+                           std::to_string(ps.scales_rows) + ", " + std::to_string(ps.scales_cols) + "]");
+  const auto w_dims = w->dimensions();
+  if (w_dims.size() != 2 || w_dims[0] != n || w_dims[1] != k)
+    return InvalidArgument("marlin_dequantize: w has shape " + ShapeString(w_dims) + ", expected [" +
+                           std::to_string(n) + ", " + std::to_string(k) + "]");
+  MarlinDequantizeArgs args{tiles.typed_data(), scales.typed_data(), w->untyped_data(), n, k, dt};
+  const std::string err = MarlinDequantize(args, stream);
+  if (!err.empty()) return ffi::Error::Internal(err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace marlin
 }  // namespace jax_mxfp4
@@ -115,4 +147,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMxfp4GemmFfi, jax_mxfp4::marlin::MarlinGemmI
                                   .Attr<int64_t>("k")                   // true K (inputs), % 32 == 0
                                   .Attr<int32_t>("dtype")               // InputDType the weights were prepared for
                                   .Attr<int64_t>("sm_count"),           // as given to MarlinWorkspaceBytes; 0 = device's
+                              {xla::ffi::Traits::kCmdBufferCompatible});
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantizeFfi, jax_mxfp4::marlin::MarlinDequantizeImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()  // tiles: [K/32, N_pad*16]
+                                  .Arg<xla::ffi::Buffer<xla::ffi::U8>>()  // scales: [K/32+4, N_pad]
+                                  .Ret<xla::ffi::AnyBuffer>()           // w: [N, K], the prepared dtype
+                                  .Attr<int64_t>("n")                   // true N (output features)
+                                  .Attr<int64_t>("k")                   // true K (inputs), % 32 == 0
+                                  .Attr<int32_t>("dtype"),              // InputDType the weights were prepared for
                               {xla::ffi::Traits::kCmdBufferCompatible});

@@ -222,6 +222,30 @@ inline uint32_t RowFactorBits(int off, bool nan_row) {
   return 0x00400000u >> (-127 - off);  // subnormal 2^-127, 2^-128
 }
 
+// Inverse of the scale mapping (unprepare_marlin_weights in marlin_weights.py
+// implements the same): the row offset from a row factor's float32 bits, and
+// the canonical E8M0 byte of a multiplier byte. A multiplier byte 0 is a block
+// the accuracy contract flushed to zero: it comes back as scale byte 0.
+MXFP4_HD constexpr int RowOffsetOfFactorBits(uint32_t f) {
+  const int exp_field = static_cast<int>((f >> 23) & 0xFFu);
+  if (exp_field == 0xFF) return static_cast<int>(f & 0xFFu) - 128;  // NaN row: off + 128 in the payload
+  if (f == 0x00400000u) return -127;
+  if (f == 0x00200000u) return -128;
+  return exp_field > 0 ? exp_field - 127 : 0;
+}
+
+MXFP4_HD constexpr uint8_t CanonicalScaleByte(uint8_t mult, int off, InputDType dt) {
+  if (mult == (IsBf16(dt) ? 0xFF : 0x7C)) return kE8M0Nan;
+  if (mult == 0) return 0;
+  const int s = IsBf16(dt) ? static_cast<int>(mult) - 126 + off : (static_cast<int>(mult) >> 2) + 98 + off;
+  return static_cast<uint8_t>(s);
+}
+
+// Byte offset of the 32-bit word (kb, unit, lane, j) inside `tiles`.
+MXFP4_HD constexpr int64_t WordOffset(int64_t kb, int64_t n_pad, int64_t unit, int lane, int j) {
+  return kb * n_pad * (kUnitBytes / kUnitN) + unit * kUnitBytes + lane * kLaneBytes + j * 4;
+}
+
 // ---------------------------------------------------------------------------
 // Host reference preparation (used by the GPU self-test; the library prepares
 // with jnp in jax_mxfp4/kernels/marlin_weights.py, tested equal to this).

@@ -5,8 +5,10 @@
 #   XLA_FFI_INCLUDE_DIR   from `python -c "import jax; print(jax.ffi.include_dir())"`
 #   JAX_MXFP4_CSRC_DIR    the repository's csrc/ directory
 # Provides:
-#   mxfp4_marlin          OBJECT library: the kernel + host API (marlin_gemm.cu)
-#                         and the XLA FFI handler symbol MarlinMxfp4GemmFfi
+#   mxfp4_marlin          OBJECT library: the GEMM kernel + host API (marlin_gemm.cu),
+#                         the dense dequantization of prepared weights for the
+#                         large-M path (marlin_dequantize.cu) and the XLA FFI
+#                         handler symbols MarlinMxfp4GemmFfi, MarlinDequantizeFfi
 #                         (marlin_ffi.cc). Add its objects to the nanobind
 #                         module ($<TARGET_OBJECTS:mxfp4_marlin>)
 #                         (the module links the CUDA runtime, statically).
@@ -32,6 +34,7 @@ set(_marlin_archs "80-real;90a-real")
 
 add_library(mxfp4_marlin OBJECT
   "${_marlin_dir}/marlin_gemm.cu"
+  "${_marlin_dir}/marlin_dequantize.cu"
   "${_marlin_dir}/marlin_ffi.cc")
 set_target_properties(mxfp4_marlin PROPERTIES
   CUDA_ARCHITECTURES "${_marlin_archs}"

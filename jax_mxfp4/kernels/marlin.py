@@ -17,7 +17,7 @@ import math
 
 import jax.numpy as jnp
 
-from jax_mxfp4 import _native, reference
+from jax_mxfp4 import _native
 from jax_mxfp4.kernels.base import (
     LinearConfig,
     Mxfp4LinearKernel,
@@ -25,8 +25,8 @@ from jax_mxfp4.kernels.base import (
     default_device,
     register_kernel,
 )
-from jax_mxfp4.kernels.marlin_weights import marlin_layout, prepare_marlin_weights, unprepare_marlin_weights
-from jax_mxfp4.primitives import marlin_gemm
+from jax_mxfp4.kernels.marlin_weights import marlin_layout, prepare_marlin_weights
+from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
 
 __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
 
@@ -86,13 +86,18 @@ class MarlinKernel(Mxfp4LinearKernel):
         tokens = math.prod(int(d) for d in x.shape[:-1])
         if DENSE_FROM_TOKENS is not None and tokens >= DENSE_FROM_TOKENS:
             return self.dense_matmul(x, weights)
+        return self.kernel_matmul(x, weights)
+
+    def kernel_matmul(self, x, weights: PreparedWeights):
+        """The Marlin GEMM kernel at any M (``matmul`` uses it below ``DENSE_FROM_TOKENS``)."""
+        config = weights.config
         return marlin_gemm.marlin_gemm(x, weights.arrays["tiles"], weights.arrays["scales"],
                                        n=config.out_features, k=config.in_features, sm_count=_sm_count())
 
     def dense_matmul(self, x, weights: PreparedWeights):
-        """The large-M path: dequantize the prepared weights, then a dense GEMM (cuBLAS)."""
+        """The large-M path: dequantize the prepared weights in one pass
+        (``marlin_dequantize``, CUDA), then a dense GEMM (cuBLAS)."""
         config = weights.config
         layout = marlin_layout(config.out_features, config.in_features, config.activation_dtype)
-        w_packed, w_scales = unprepare_marlin_weights(weights.arrays["tiles"], weights.arrays["scales"], layout)
-        w = reference.dequantize_reference(w_packed, w_scales, dtype=x.dtype)
-        return jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        w = marlin_dequantize.marlin_dequantize(weights.arrays["tiles"], weights.arrays["scales"], layout)
+        return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
