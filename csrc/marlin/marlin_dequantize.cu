@@ -51,23 +51,53 @@ __global__ void __launch_bounds__(kWarps * 32)
     factor |= static_cast<uint32_t>(scales[(kb_count + i) * n_pad + row]) << (8 * i);
   const uint8_t scale = CanonicalScaleByte(mult, RowOffsetOfFactorBits(factor), kDType);
 
+  // The layout places each code's fields at the bf16 / fp16 positions (TargetBit), so two
+  // rotate-and-masks give a register p holding elements (p, e = 0) and (p, e = 1) as a
+  // bf16x2 / f16x2 of value E2M1 * 2^-126 (bf16) or E2M1 * 2^-14 (fp16), as in the GEMM.
+  // Widened to float32 and multiplied by 2^126 (2^14) and by 2^(s - 127), each product is
+  // exact (no float32 overflow before the last one, no underflow at all), and the pair is
+  // rounded once to the output dtype: the reference's E2M1 * 2^(s - 127) rounded once.
+  constexpr float kUnbias = IsBf16(kDType) ? 0x1p126f : 0x1p14f;
+  const float block_scale = scale == 0 ? 0x1p-127f : __uint_as_float(static_cast<uint32_t>(scale) << 23);
   uint32_t out[kBlockK / 2];  // bf16/fp16 pairs (k, k + 1); constant indices only, so registers
+  if (scale == kE8M0Nan) {
+    const uint32_t nan = IsBf16(kDType) ? F32BitsToBf16Bits(0x7FC00000u) : F32BitsToF16Bits(0x7FC00000u);
 #pragma unroll
-  for (int t = 0; t < 4; ++t) {
-    const uint32_t word = *reinterpret_cast<const uint32_t*>(tiles + WordOffset(kb, n_pad, unit, 4 * g + t, j));
+    for (int i = 0; i < kBlockK / 2; ++i) out[i] = nan | (nan << 16);
+  } else {
 #pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      uint32_t pair = 0;
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t word = *reinterpret_cast<const uint32_t*>(tiles + WordOffset(kb, n_pad, unit, 4 * g + t, j));
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        uint32_t code = 0;
+      for (int p = 0; p < 4; ++p) {
+        uint32_t reg = 0;
 #pragma unroll
-        for (int b = 0; b < 4; ++b) code |= ((word >> SourceBit(kDType, p, e, b)) & 1u) << b;
-        const uint32_t f32 = DequantizeToF32Bits(code, scale);
-        pair |= static_cast<uint32_t>(IsBf16(kDType) ? F32BitsToBf16Bits(f32) : F32BitsToF16Bits(f32)) << (16 * e);
+        for (int group = 0; group < 2; ++group) {
+          const ExtractGroup x = Extract(kDType, p, group);
+          if (x.fields) reg |= __funnelshift_r(word, word, x.rot) & FieldMask(kDType, x.fields);
+        }
+        float lo, hi;
+        if constexpr (IsBf16(kDType)) {
+          lo = __uint_as_float(reg << 16);
+          hi = __uint_as_float(reg & 0xFFFF0000u);
+        } else {
+          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&reg));
+          lo = f.x;
+          hi = f.y;
+        }
+        lo = lo * kUnbias * block_scale;
+        hi = hi * kUnbias * block_scale;
+        uint32_t pair;
+        if constexpr (IsBf16(kDType)) {
+          const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+          pair = *reinterpret_cast<const uint32_t*>(&v);
+        } else {
+          const __half2 v = __floats2half2_rn(lo, hi);
+          pair = *reinterpret_cast<const uint32_t*>(&v);
+        }
+        // k inside the block: 16 s + 8 h + 2 t + e with p = 2 s + h (CoordOf's inverse): pair 4 p + t.
+        out[4 * p + t] = pair;
       }
-      // k inside the block: 16 s + 8 h + 2 t + e with p = 2 s + h (CoordOf's inverse): pair 4 p + t.
-      out[4 * p + t] = pair;
     }
   }
   uint4* dst = reinterpret_cast<uint4*>(w + row * k + kb * kBlockK);

@@ -32,12 +32,12 @@ __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
 
 #: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM
 #: (``dense_matmul``); None: always the Marlin kernel. Measured on an H100
-#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, commit 0f3f2ff, rows
-#: "marlin" and "marlin_dense"): at M = 1024 the kernel is faster on all six
-#: benchmark shapes (e.g. 8192x28672: 1547 vs 3079 us), at M = 4096 the dense
-#: path is faster on all six (8192x28672: 4927 vs 6265 us; 14336x4096: 1008 vs
-#: 1522 us); no M in between was measured, so the switch is at 4096.
-DENSE_FROM_TOKENS: int | None = 4096
+#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, rows "marlin",
+#: "marlin_dense" and "marlin_kernel"): with the one-pass CUDA dequantization
+#: (commit 359df54) the dense path beats the kernel at M = 1024 on every shape
+#: measured (8192x28672: 1148 vs 1551 us; 14336x4096: 284 vs 389 us) and the
+#: kernel wins at M = 512 (8192x28672: 791 vs 835 us); M = 768 was not measured.
+DENSE_FROM_TOKENS: int | None = 1024
 
 # SM count used when the device cannot be queried at trace time (e.g. tracing
 # on a CPU host for a GPU): any value is correct, the device's own is fastest.
@@ -100,4 +100,6 @@ class MarlinKernel(Mxfp4LinearKernel):
         config = weights.config
         layout = marlin_layout(config.out_features, config.in_features, config.activation_dtype)
         w = marlin_dequantize.marlin_dequantize(weights.arrays["tiles"], weights.arrays["scales"], layout)
-        return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        # bf16/fp16 in and out: cuBLAS accumulates in float32 and rounds once. (Asking for a
+        # float32 result and rounding after would add a convert pass over [M, N] at large M.)
+        return jnp.einsum("...k,nk->...n", x, w.astype(x.dtype))
