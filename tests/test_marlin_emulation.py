@@ -205,3 +205,83 @@ def test_python_plan_equals_cpp_plan(tmp_path):
         )
         assert desc == expect
         assert int(ws) == p["ws"]
+
+
+# ---------------------------------------------------------------------------
+# The large-M path's dense dequantization (csrc/marlin/marlin_dequantize.cu).
+
+
+def emulate_dense_dequantize(tiles, scales, layout):
+    """MarlinDequantizeKernel in numpy: per word, the GEMM's rotate-and-mask registers
+    (two elements each, as bf16x2 / f16x2 of E2M1 * 2^-126 / 2^-14), widened to float32,
+    times 2^126 (2^14) times 2^(s - 127) in float32, rounded once to the 16-bit type;
+    NaN blocks written as the rounded float32 quiet NaN. Returns uint16 bits [N, K]."""
+    import ml_dtypes
+
+    from marlin_bits import extract_register
+
+    name, n, k = layout.dtype, layout.n, layout.k
+    kb, units = layout.kb, layout.n_pad // mw.UNIT_N
+    words = np.asarray(tiles).reshape(kb, units, 32, 4, 4).astype(np.uint32)
+    words = words[..., 0] | (words[..., 1] << 8) | (words[..., 2] << 16) | (words[..., 3] << 24)  # kb,unit,lane,j
+    _, s = mw.unprepare_marlin_weights(tiles, scales, layout)  # canonical bytes [N, Kb]
+    s = np.pad(np.asarray(s).astype(np.uint32), ((0, layout.n_pad - n), (0, 0)))
+    # block scale per (kb, unit, lane = 4 g + t, j): row n = 32 unit + 8 j + g
+    s_t = s.reshape(units, 4, 8, kb).transpose(3, 0, 2, 1)  # kb, unit, g, j
+    s_t = np.repeat(s_t[:, :, :, None, :], 4, axis=3).reshape(kb, units, 32, 4)
+    block_scale = np.where(s_t == 0, np.uint32(0x00400000), s_t << np.uint32(23)).view(np.float32)
+    unbias = np.float32(2.0 ** 126 if name == "bfloat16" else 2.0 ** 14)
+    out = np.zeros((kb, units, 8, 4, 4, 2, 2, 2), np.uint16)  # kb, unit, g, t, j, s, h, e
+    for p in range(4):
+        reg = extract_register(words, name, p)
+        for e in range(2):
+            half = ((reg >> np.uint32(16 * e)) & np.uint32(0xFFFF)).astype(np.uint16)
+            if name == "bfloat16":
+                v = (half.astype(np.uint32) << np.uint32(16)).view(np.float32)
+            else:
+                v = half.view(np.float16).astype(np.float32)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow -> Inf; NaN blocks are replaced below
+                v = (v * unbias) * block_scale
+                bits = (v.astype(ml_dtypes.bfloat16) if name == "bfloat16" else v.astype(np.float16)).view(np.uint16)
+            out[..., p // 2, p % 2, e] = bits.reshape(kb, units, 8, 4, 4)
+    nan = np.float32(np.nan)
+    nan_bits = (np.array(nan).astype(ml_dtypes.bfloat16) if name == "bfloat16"
+                else np.array(nan).astype(np.float16)).view(np.uint16)
+    # n = 32 unit + 8 j + g; k = 32 kb + 16 s + 8 h + 2 t + e
+    w = out.transpose(1, 4, 2, 0, 5, 6, 3, 7).reshape(layout.n_pad, k)[:n]
+    nan_block = np.repeat(s[:n] == 0xFF, 32, axis=1)
+    return np.where(nan_block, nan_bits, w)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_dense_dequantize_math_is_exact(name):
+    """The dense dequantization's algorithm (emulated) equals the reference dequantization of
+    the unprepared weights bit for bit, for random scales and for the extremes: E8M0 bytes 0,
+    1 and 254 (subnormal and overflowing values), NaN blocks, rows whose span makes the
+    layout flush blocks."""
+    import jax.numpy as jnp
+
+    from jax_mxfp4 import reference
+
+    from marlin_bits import half_to_f64
+
+    dtype = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+    rng = np.random.default_rng(7)
+    n, k = 72, 1024
+    wp = rng.integers(0, 256, size=(n, k // 2), dtype=np.uint8)
+    ws = rng.integers(110, 135, size=(n, k // 32), dtype=np.uint8)
+    ws[0, :] = 254
+    ws[1, :] = np.arange(k // 32) * 8
+    ws[2, 5] = 0xFF
+    ws[3, :] = 0
+    ws[4, :] = 1
+    ws[5, :] = rng.integers(0, 255, size=k // 32)
+    tiles, scales, layout = mw.prepare_marlin_weights(wp, ws, dtype)
+    got = emulate_dense_dequantize(tiles, scales, layout)
+    up, us = mw.unprepare_marlin_weights(tiles, scales, layout)
+    want = np.asarray(reference.dequantize_reference(up, us, dtype=jnp.dtype(dtype))).view(np.uint16)
+    nan = np.isnan(np.asarray(reference.dequantize_reference(up, us, dtype=jnp.float32)))
+    bad = (got != want) & ~nan
+    assert not bad.any(), f"{bad.sum()} elements differ, first at {np.argwhere(bad)[0]}"
+    assert nan.any() and np.array_equal(np.isnan(half_to_f64(got, name)), nan)
+    assert np.isinf(half_to_f64(got[0], name)).any()  # 6 * 2^127 overflows (bf16 and fp16)

@@ -15,7 +15,12 @@
 // Work split: a warp handles the 32 rows of one layout unit at one k block
 // (it reads that unit's 512 contiguous bytes and each lane writes its row's
 // 32 values, 64 contiguous bytes); a CTA of kWarps warps takes kWarps
-// consecutive k blocks.
+// consecutive k blocks. Measured on an H100: 146 us for 8192 x 8192 (~38% of
+// HBM bandwidth), the same with per-bit decoding as with the rotate-and-mask
+// decoding below, so the stores (a warp's store instruction touches 32 rows)
+// rather than the arithmetic are the limit: staging a CTA's 32 rows x 8 blocks
+// in shared memory and storing whole 512-byte row segments per warp is the
+// next step.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>

@@ -32,11 +32,12 @@ __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
 
 #: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM
 #: (``dense_matmul``); None: always the Marlin kernel. Measured on an H100
-#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, rows "marlin",
-#: "marlin_dense" and "marlin_kernel"): with the one-pass CUDA dequantization
-#: (commit 359df54) the dense path beats the kernel at M = 1024 on every shape
-#: measured (8192x28672: 1148 vs 1551 us; 14336x4096: 284 vs 389 us) and the
-#: kernel wins at M = 512 (8192x28672: 791 vs 835 us); M = 768 was not measured.
+#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, commit 9c1215f, rows
+#: "marlin", "marlin_dense" and "marlin_kernel"): at M = 1024 the dense path
+#: beats the kernel on all six benchmark shapes (8192x28672: 1082 vs 1560 us;
+#: 2880x5760: 81 vs 131 us); at M = 512 the kernel wins on four of six
+#: (8192x28672: 769 vs 797 us) and loses on 4096x4096 and 2880x5760 (70 vs
+#: 60 us, 73 vs 61 us). M between 512 and 1024 was not measured.
 DENSE_FROM_TOKENS: int | None = 1024
 
 # SM count used when the device cannot be queried at trace time (e.g. tracing
