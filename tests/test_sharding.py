@@ -591,27 +591,9 @@ def explicit_axes_types_follow_the_plan():
     return metrics
 
 
-@case
-def explicit_axes_w4a4():
-    import jax
-    from jax.sharding import AxisType
-
-    import jax_mxfp4
-
-    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
-                         devices=meshes()["2x4"].devices.flat)
-    x = activations((16, K))
-    wp, ws = weights(N, K)
-    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel=partitioned_kernel(), activation_format="mxfp4")  # noqa: E731
-    y, metrics = compile_and_run(f, put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
-    no_gathers(metrics, "explicit-axes W4A4")
-    assert_within_tolerance(y, x, wp, ws, "mxfp4")
-    return metrics
-
-
-@case
-def explicit_axes_xla_kernel_row_parallel():
-    """The xla kernel (plain jnp) under explicit axes: a split K needs the result sharding given."""
+def _explicit_axes_row_parallel(kernel, activation_format=None):
+    """x split (dp, tp), weights split along K over tp, explicit-axes mesh: one all-reduce,
+    no gather, result typed P("dp", None)."""
     import jax
     from jax.sharding import AxisType, PartitionSpec as P
 
@@ -621,13 +603,25 @@ def explicit_axes_xla_kernel_row_parallel():
                          devices=meshes()["2x4"].devices.flat)
     x = activations((16, K))
     wp, ws = weights(N, K)
-    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(a, p, s, kernel="xla")  # noqa: E731
+    f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(  # noqa: E731
+        a, p, s, kernel=kernel, activation_format=activation_format)
     y, metrics = compile_and_run(f, put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
-    no_gathers(metrics, "explicit-axes xla kernel")
+    no_gathers(metrics, f"explicit-axes {kernel} {activation_format or 'w4a16'}")
     assert metrics["all-reduce"] == 1, metrics
     assert y.sharding.spec == P("dp", None), y.sharding
-    assert_within_tolerance(y, x, wp, ws)
+    assert_within_tolerance(y, x, wp, ws, activation_format)
     return metrics
+
+
+@case
+def explicit_axes_w4a4():
+    return _explicit_axes_row_parallel(partitioned_kernel(), "mxfp4")
+
+
+@case
+def explicit_axes_xla_kernel_row_parallel():
+    """The xla kernel (plain jnp) under explicit axes: a split K needs the result sharding given."""
+    return _explicit_axes_row_parallel("xla")
 
 
 # ---------------------------------------------------------------------------
