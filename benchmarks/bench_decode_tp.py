@@ -31,7 +31,6 @@ tp = 1 is recorded beside it.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import time
 

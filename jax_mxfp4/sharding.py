@@ -169,7 +169,7 @@ def decode(sharding, shape, mesh: Mesh) -> list[Axes] | None:
         local = sharding.shard_shape(tuple(shape))
     except Exception:  # noqa: BLE001 - anything not expressible reads as unknown
         return None
-    counts = [g // l if l else 1 for g, l in zip(shape, local)]
+    counts = [g // n if n else 1 for g, n in zip(shape, local)]
     axes = [a for a in mesh.axis_names if int(mesh.shape[a]) > 1]
 
     def options(count, free):

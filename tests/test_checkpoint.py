@@ -20,7 +20,7 @@ import jax_mxfp4
 from jax_mxfp4.checkpoint import (CheckpointError, CompressedTensorsCheckpoint, Mxfp4Layer, checkpoint_from_model,
                                   load_compressed_tensors, load_params, quantization_config,
                                   save_compressed_tensors, swap_arguments)
-from jax_mxfp4.flax import MxFp4Linear, prepare, quantize_linen, quantize_nnx
+from jax_mxfp4.flax import prepare, quantize_linen, quantize_nnx
 
 BF16 = ml_dtypes.bfloat16
 

@@ -12,7 +12,6 @@ our dequantization, which is exact in float32 and bfloat16.
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np

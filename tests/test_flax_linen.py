@@ -140,7 +140,7 @@ def test_prepare_once_then_no_repacking_in_the_forward(repack_kernel, rng):
 
     apply = jax.jit(model.apply)
     for batch in (x, x[:1], x * 2):
-        y = apply(prepared, batch)
+        apply(prepared, batch)
     assert repack_kernel.prepares == 4  # the forward never prepares again
     np.testing.assert_array_equal(apply(prepared, x), y_unprepared)
 

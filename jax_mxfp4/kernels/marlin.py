@@ -83,7 +83,6 @@ class MarlinKernel(Mxfp4LinearKernel):
         return PreparedWeights({"tiles": tiles, "scales": scales}, self.name, config)
 
     def matmul(self, x, weights: PreparedWeights):
-        config = weights.config
         tokens = math.prod(int(d) for d in x.shape[:-1])
         if DENSE_FROM_TOKENS is not None and tokens >= DENSE_FROM_TOKENS:
             return self.dense_matmul(x, weights)
