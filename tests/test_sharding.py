@@ -85,27 +85,32 @@ def local_kernel():
 # pytest side (one device): run the worker once, report each case.
 
 
-@pytest.fixture(scope="module")
-def worker_results(tmp_path_factory):
+def _run_worker_process(out, what, env, *worker_args):
+    """Runs this file as the worker (``env`` plus the installed package on PYTHONPATH) and
+    returns its results JSON; fails the test with the worker's output if it fails."""
     import jax_mxfp4
 
-    out = tmp_path_factory.mktemp("sharding") / "results.json"
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={WORKER_DEVICES}").strip()
-    env["JAX_PLATFORMS"] = "cpu"
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(jax_mxfp4.__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--worker", str(out)],
+        [sys.executable, os.path.abspath(__file__), *worker_args, "--worker", str(out)],
         env=env, capture_output=True, text=True, timeout=900,
     )
     if proc.returncode != 0 or not out.exists():
         pytest.fail(
-            f"the 8-device sharding worker failed (exit {proc.returncode}).\n"
+            f"the {what} sharding worker failed (exit {proc.returncode}).\n"
             f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}",
             pytrace=False,
         )
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def worker_results(tmp_path_factory):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={WORKER_DEVICES}").strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return _run_worker_process(tmp_path_factory.mktemp("sharding") / "results.json", "8-device", env)
 
 
 def _gpu_count() -> int:
@@ -119,28 +124,14 @@ def _gpu_count() -> int:
 
 @pytest.fixture(scope="module")
 def gpu_worker_results(tmp_path_factory):
-    import jax_mxfp4
-
     if _gpu_count() < 2:
         pytest.skip(f"needs 2 or more GPUs on one host; jax sees {_gpu_count()}")
-    out = tmp_path_factory.mktemp("sharding_gpu") / "results.json"
     env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "CUDA_VISIBLE_DEVICES")}
     # The test process holds the GPUs too: neither may take 75% of their memory up front
     # (run pytest itself with XLA_PYTHON_CLIENT_PREALLOCATE=false, as tools/device_session.sh does).
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(jax_mxfp4.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--platform", "gpu", "--worker", str(out)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
-    if proc.returncode != 0 or not out.exists():
-        pytest.fail(
-            f"the GPU sharding worker failed (exit {proc.returncode}).\n"
-            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}",
-            pytrace=False,
-        )
-    return json.loads(out.read_text())
+    return _run_worker_process(tmp_path_factory.mktemp("sharding_gpu") / "results.json", "GPU", env,
+                               "--platform", "gpu")
 
 
 # ---------------------------------------------------------------------------
