@@ -683,28 +683,25 @@ def generic_primitive_with_workspace():
 # The pytest test (defined after every case is registered).
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_sharded(name, worker_results):
-    result = worker_results.get(name)
-    assert result is not None, f"the worker did not report case {name!r}"
+def _report(results, name, where):
+    """One worker case as a pytest outcome: skipped with the worker's reason, or failed with its traceback."""
+    result = results.get(name)
+    assert result is not None, f"the {where} worker did not report case {name!r}"
     if result.get("skipped"):
         pytest.skip(result["skipped"])
-    known = getattr(CASES[name], "known_failure", None)
-    if known and not result["ok"]:
-        pytest.xfail(known)
     if not result["ok"]:
-        pytest.fail(f"{name}: {result['detail']}\ncollectives: {result.get('metrics')}", pytrace=False)
+        pytest.fail(f"{name} ({where}): {result['detail']}\ncollectives: {result.get('metrics')}", pytrace=False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded(name, worker_results):
+    _report(worker_results, name, "8-device CPU")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_on_gpus(name, gpu_worker_results):
-    result = gpu_worker_results.get(name)
-    assert result is not None, f"the GPU worker did not report case {name!r}"
-    if result.get("skipped"):
-        pytest.skip(result["skipped"])
-    if not result["ok"]:
-        pytest.fail(f"{name} on GPUs: {result['detail']}\ncollectives: {result.get('metrics')}", pytrace=False)
+    _report(gpu_worker_results, name, "GPU")
 
 
 # ---------------------------------------------------------------------------

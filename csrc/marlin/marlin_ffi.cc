@@ -28,6 +28,21 @@ namespace jax_mxfp4 {
 namespace marlin {
 namespace {
 
+// tiles / scales must have the prepared shapes of an [n, k] weight (marlin_layout.h).
+ffi::Error CheckPreparedShapes(const std::string& op, const ffi::Buffer<ffi::U8>& tiles,
+                               const ffi::Buffer<ffi::U8>& scales, int64_t n, int64_t k) {
+  const PreparedShape ps = GetPreparedShape(n, k);
+  const auto t_dims = tiles.dimensions();
+  if (t_dims.size() != 2 || t_dims[0] != ps.tiles_rows || t_dims[1] != ps.tiles_cols)
+    return InvalidArgument(op + ": tiles has shape " + ShapeString(t_dims) + ", expected [" +
+                           std::to_string(ps.tiles_rows) + ", " + std::to_string(ps.tiles_cols) + "]");
+  const auto s_dims = scales.dimensions();
+  if (s_dims.size() != 2 || s_dims[0] != ps.scales_rows || s_dims[1] != ps.scales_cols)
+    return InvalidArgument(op + ": scales has shape " + ShapeString(s_dims) + ", expected [" +
+                           std::to_string(ps.scales_rows) + ", " + std::to_string(ps.scales_cols) + "]");
+  return ffi::Error::Success();
+}
+
 ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> tiles,
                           ffi::Buffer<ffi::U8> scales, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
@@ -58,15 +73,7 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   if (!y_ok)
     return InvalidArgument("marlin_gemm: y has shape " + ShapeString(y_dims) + ", expected x's leading dims + [" +
                            std::to_string(n) + "]");
-  const PreparedShape ps = GetPreparedShape(n, k);
-  const auto t_dims = tiles.dimensions();
-  if (t_dims.size() != 2 || t_dims[0] != ps.tiles_rows || t_dims[1] != ps.tiles_cols)
-    return InvalidArgument("marlin_gemm: tiles has shape " + ShapeString(t_dims) + ", expected [" +
-                           std::to_string(ps.tiles_rows) + ", " + std::to_string(ps.tiles_cols) + "]");
-  const auto s_dims = scales.dimensions();
-  if (s_dims.size() != 2 || s_dims[0] != ps.scales_rows || s_dims[1] != ps.scales_cols)
-    return InvalidArgument("marlin_gemm: scales has shape " + ShapeString(s_dims) + ", expected [" +
-                           std::to_string(ps.scales_rows) + ", " + std::to_string(ps.scales_cols) + "]");
+  if (ffi::Error bad = CheckPreparedShapes("marlin_gemm", tiles, scales, n, k); bad.failure()) return bad;
   if (m == 0) return ffi::Error::Success();
 
   // ---- workspace ----
@@ -112,15 +119,7 @@ ffi::Error MarlinDequantizeImpl(cudaStream_t stream, ffi::Buffer<ffi::U8> tiles,
   if (n <= 0 || k <= 0 || k % kBlockK)
     return InvalidArgument("marlin_dequantize: N = " + std::to_string(n) + ", K = " + std::to_string(k) +
                            ": need N > 0 and K a positive multiple of 32");
-  const PreparedShape ps = GetPreparedShape(n, k);
-  const auto t_dims = tiles.dimensions();
-  if (t_dims.size() != 2 || t_dims[0] != ps.tiles_rows || t_dims[1] != ps.tiles_cols)
-    return InvalidArgument("marlin_dequantize: tiles has shape " + ShapeString(t_dims) + ", expected [" +
-                           std::to_string(ps.tiles_rows) + ", " + std::to_string(ps.tiles_cols) + "]");
-  const auto s_dims = scales.dimensions();
-  if (s_dims.size() != 2 || s_dims[0] != ps.scales_rows || s_dims[1] != ps.scales_cols)
-    return InvalidArgument("marlin_dequantize: scales has shape " + ShapeString(s_dims) + ", expected [" +
-                           std::to_string(ps.scales_rows) + ", " + std::to_string(ps.scales_cols) + "]");
+  if (ffi::Error bad = CheckPreparedShapes("marlin_dequantize", tiles, scales, n, k); bad.failure()) return bad;
   const auto w_dims = w->dimensions();
   if (w_dims.size() != 2 || w_dims[0] != n || w_dims[1] != k)
     return InvalidArgument("marlin_dequantize: w has shape " + ShapeString(w_dims) + ", expected [" +
