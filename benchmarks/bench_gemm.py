@@ -24,6 +24,8 @@ implementation is compared with a float32 reference on fresh random data
 
 from __future__ import annotations
 
+import functools
+
 import math
 import re
 import sys
@@ -285,6 +287,11 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
             kernel_only = jax.jit(get_kernel("marlin").kernel_matmul)
             impls.append(("marlin_kernel", "variant", [(pw,) for pw in prepared], kernel_only,
                           lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
+            # ... and, at small M, the kernel launched with two CTAs per SM (twice the weight
+            # bytes in flight per SM; the small tile config's 108 KB of shared memory fits twice).
+            two_ctas = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, ctas_per_sm=2))
+            impls.append(("marlin_2cta", "variant", [(pw,) for pw in prepared], two_ctas,
+                          lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
         kern = get_kernel(name)
         for m in ms:
             ok, why = kern.can_implement(LinearConfig(k, n, jnp.bfloat16, fmt, tokens=m))
@@ -295,7 +302,9 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
     cases = []
     for m in ms:
         for impl, role, wsets, fn, ref_fn in impls:
-            if role == "variant" and m < 64:
+            if impl == "marlin_2cta" and m > 32:
+                continue  # the small and medium tile configs only (M <= 32)
+            if impl in ("marlin_dense", "marlin_kernel") and m < 64:
                 continue  # the dense path is only a candidate at large M
             if impl == "marlin_kernel" and (marlin_kernel.DENSE_FROM_TOKENS is None
                                             or m < marlin_kernel.DENSE_FROM_TOKENS):

@@ -248,10 +248,19 @@ ffi::Error GemmImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w_packed, ffi::Buffer
   if (static_cast<int64_t>(y->element_count()) != m * n) return InvalidArgument("gemm: y has the wrong size");
   if (m == 0 || n == 0) return ffi::Error::Success();
 
+  GemmCanonicalCpu(x.untyped_data(), x.element_type(), m, k, w_packed.typed_data(), w_scales.typed_data(), n,
+                   y->untyped_data());
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+void GemmCanonicalCpu(const void* x, ffi::DataType x_dtype, int64_t m, int64_t k, const uint8_t* w_packed,
+                      const uint8_t* w_scales, int64_t n, void* y) {
+  if (m == 0 || n == 0) return;
   std::vector<float> xf(static_cast<size_t>(m * k));
-  const void* xin = x.untyped_data();
   for (int64_t i = 0; i < m * k; ++i) {
-    const uint32_t b = LoadF32Bits(xin, x.element_type(), i);
+    const uint32_t b = LoadF32Bits(x, x_dtype, i);
     std::memcpy(&xf[i], &b, 4);
   }
   // Column chunks are independent: split them over a few threads when the
@@ -261,19 +270,14 @@ ffi::Error GemmImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w_packed, ffi::Buffer
   const int64_t work = m * n * k;
   const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
   const int64_t threads = std::max<int64_t>(1, std::min({hw, chunks, work >> 22}));
-  void* out = y->untyped_data();
-  const ffi::DataType dtype = x.element_type();
   std::vector<std::thread> pool;
   for (int64_t t = 1; t < threads; ++t) {
-    pool.emplace_back(GemmChunks, xf.data(), m, k, w_packed.typed_data(), w_scales.typed_data(), n,
-                      chunks * t / threads, chunks * (t + 1) / threads, out, dtype);
+    pool.emplace_back(GemmChunks, xf.data(), m, k, w_packed, w_scales, n,
+                      chunks * t / threads, chunks * (t + 1) / threads, y, x_dtype);
   }
-  GemmChunks(xf.data(), m, k, w_packed.typed_data(), w_scales.typed_data(), n, 0, chunks / threads, out, dtype);
+  GemmChunks(xf.data(), m, k, w_packed, w_scales, n, 0, chunks / threads, y, x_dtype);
   for (auto& th : pool) th.join();
-  return ffi::Error::Success();
 }
-
-}  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMxfp4QuantizeCpu, QuantizeImpl,
                               ffi::Ffi::Bind()

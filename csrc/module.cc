@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "ffi_cpu.h"
+#include "marlin/marlin_cpu.h"
 #include "scale_layout.h"
 
 #if JAX_MXFP4_WITH_CUDA
@@ -46,6 +47,8 @@ nb::dict Registrations() {
   nb::dict cpu;
   cpu["jax_mxfp4_quantize"] = Capsule(jax_mxfp4::JaxMxfp4QuantizeCpu);
   cpu["jax_mxfp4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4GemmCpu);
+  cpu["jax_mxfp4_marlin_gemm"] = Capsule(jax_mxfp4::JaxMxfp4MarlinGemmCpu);
+  cpu["jax_mxfp4_marlin_dequantize"] = Capsule(jax_mxfp4::JaxMxfp4MarlinDequantizeCpu);
   nb::dict out;
   out["cpu"] = cpu;
 #if JAX_MXFP4_WITH_CUDA

@@ -7,14 +7,13 @@ down projection (weights split along K in whole 32-element blocks): the
 Megatron pattern, with one all-reduce per block and no weight ever gathered.
 Two ways are shown and checked against the unsharded block:
 
-1. ``jax.jit`` with ``NamedSharding`` inputs: the MXFP4 primitives' own
-   partitioning rules (Shardy) split the custom calls. The kernel is the
-   registry's choice when it has partitioning rules (the ``cpu`` and ``xla``
-   kernels); the GPU kernels (Marlin, SM100) have none yet, so on GPUs this
-   path uses ``xla``.
-2. ``jax.shard_map``: every device runs its local shard with the kernel the
-   registry picks for it (Marlin on Ampere/Hopper) and one ``psum`` joins the
-   row-parallel partial products.
+1. ``jax.jit`` with ``NamedSharding`` inputs: the weights are prepared once
+   for the registry's kernel (Marlin on Ampere/Hopper, the ``cpu`` kernel on
+   CPU devices) and placed with ``shard_prepared_weights``; the MXFP4
+   primitives' own partitioning rules (Shardy) split the custom calls.
+2. ``jax.shard_map``: every device runs its local shard of the canonical
+   weights with the kernel the registry picks for it (Marlin on
+   Ampere/Hopper) and one ``psum`` joins the row-parallel partial products.
 
 Prints the mesh, the shardings and the collectives found in each compiled
 HLO, and compares each sharded result with the same block run on one device
@@ -42,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import jax_mxfp4  # noqa: E402
 from jax_mxfp4 import reference  # noqa: E402
-from jax_mxfp4.sharding import shard_weights  # noqa: E402
+from jax_mxfp4.sharding import shard_prepared_weights, shard_weights  # noqa: E402
 
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 #: Largest relative error (Frobenius) of a sharded block vs the one-device block and the
@@ -103,25 +102,26 @@ def main():
             failures.append(f"{name}: the compiled program gathers ({counts})")
 
     # ---- 1. jit + NamedSharding: the primitives' partitioning rules. ----
-    kernel = jax_mxfp4.select_kernel(jax_mxfp4.kernels.LinearConfig(args.hidden, args.ffn)).kernel.name
-    if kernel not in ("cpu", "xla"):
-        kernel = "xla"  # the GPU kernels have no partitioning rules yet (see the docstring)
-    up_sharded = shard_weights(*up, mesh, n_axis="model")      # column-parallel: split N
-    down_sharded = shard_weights(*down, mesh, k_axis="model")  # row-parallel: split K
+    up_w = jax_mxfp4.prepare_weights(*up)      # once, for the registry's kernel on this device
+    down_w = jax_mxfp4.prepare_weights(*down)
+    kernel = up_w.kernel
+    up_sharded = shard_prepared_weights(up_w, mesh, n_axis="model")      # column-parallel: split N
+    down_sharded = shard_prepared_weights(down_w, mesh, k_axis="model")  # row-parallel: split K
     x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None)))
-    for name, arr in (("x", x_sharded), ("up.packed", up_sharded[0]), ("up.scales", up_sharded[1]),
-                      ("down.packed", down_sharded[0]), ("down.scales", down_sharded[1])):
-        print(f"  {name:12s} {str(arr.shape):14s} {arr.sharding.spec}")
+    print(f"  {'x':14s} {str(x_sharded.shape):14s} {x_sharded.sharding.spec}")
+    for layer, w in (("up", up_sharded), ("down", down_sharded)):
+        for name, arr in w.arrays.items():
+            print(f"  {layer + '.' + name:14s} {str(arr.shape):14s} {arr.sharding.spec}")
 
-    def block(x, up_p, up_s, down_p, down_s):
-        h = jax.nn.gelu(jax_mxfp4.mxfp4_matmul(x, up_p, up_s, kernel=kernel))
-        return jax_mxfp4.mxfp4_matmul(h, down_p, down_s, kernel=kernel)
+    def block(x, up_w, down_w):
+        h = jax.nn.gelu(jax_mxfp4.mxfp4_linear(x, up_w))
+        return jax_mxfp4.mxfp4_linear(h, down_w)
 
     auto = jax.jit(block)
-    y_auto = auto(x_sharded, *up_sharded, *down_sharded)
-    hlo = auto.lower(x_sharded, *up_sharded, *down_sharded).compile().as_text()
+    y_auto = auto(x_sharded, up_sharded, down_sharded)
+    hlo = auto.lower(x_sharded, up_sharded, down_sharded).compile().as_text()
     one = devices[0]
-    y_one = jax.jit(block)(*(jax.device_put(a, one) for a in (x, *up, *down)))
+    y_one = jax.jit(block)(jax.device_put(x, one), jax.device_put(up_w, one), jax.device_put(down_w, one))
     print(f"\n1. jit + shardings, kernel {kernel!r}: output sharding {y_auto.sharding.spec}")
     check("jit + shardings", y_auto, y_one, hlo)
 
@@ -135,8 +135,10 @@ def main():
         local_block, mesh=mesh,
         in_specs=(P("data", None), P("model", None), P("model", None), P(None, "model"), P(None, "model")),
         out_specs=P("data", None)))
-    y_manual = manual(x_sharded, *up_sharded, *down_sharded)
-    hlo = manual.lower(x_sharded, *up_sharded, *down_sharded).compile().as_text()
+    up_canonical = shard_weights(*up, mesh, n_axis="model")      # column-parallel: split N
+    down_canonical = shard_weights(*down, mesh, k_axis="model")  # row-parallel: split K
+    y_manual = manual(x_sharded, *up_canonical, *down_canonical)
+    hlo = manual.lower(x_sharded, *up_canonical, *down_canonical).compile().as_text()
     local = jax_mxfp4.select_kernel(
         jax_mxfp4.kernels.LinearConfig(args.hidden, args.ffn // n, tokens=args.tokens)).kernel.name
     def one_device_block(x, up_p, up_s, down_p, down_s):

@@ -89,8 +89,8 @@ def matmul_reference(x, w_packed, w_scales, *, activation_format=None, activatio
     return y.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype",))
-def matmul_tolerance(x, w_packed, w_scales, out_dtype=None):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "rounded_partials"))
+def matmul_tolerance(x, w_packed, w_scales, out_dtype=None, *, rounded_partials: int = 0):
     """Elementwise error bound for an MXFP4 GEMM against ``matmul_reference``.
 
     Two implementations that both accumulate in float32 differ only by
@@ -99,6 +99,13 @@ def matmul_tolerance(x, w_packed, w_scales, out_dtype=None):
     output to ``out_dtype`` on each side (one ulp of the result each). Returns
     the bound as a float32 array of the output's shape (computed in float32
     with HIGHEST precision; a bound needs no more).
+
+    ``rounded_partials=P`` is for a GEMM whose K is split into P partial
+    products that are each rounded to ``out_dtype`` and summed in
+    ``out_dtype`` (a row-parallel layer whose kernel has no float32 output,
+    like Marlin): P roundings of the partials and P - 1 of the running sum,
+    each within half an ulp of at most ``sum_k |x_k| |w_nk|``, add
+    ``(2P - 1) * eps_out / 2 * sum_k |x_k| |w_nk|``.
     """
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     k = x.shape[-1]
@@ -110,7 +117,8 @@ def matmul_tolerance(x, w_packed, w_scales, out_dtype=None):
     eps32 = float(jnp.finfo(jnp.float32).eps)
     ulp_out = float(jnp.finfo(out_dtype).eps)
     # 1.01: the bound itself is computed in float32.
-    return k * eps32 * magnitude * 1.01 + 2 * ulp_out * result + float(jnp.finfo(jnp.float32).tiny)
+    partials = max(2 * rounded_partials - 1, 0) * ulp_out / 2 * magnitude
+    return k * eps32 * magnitude * 1.01 + 2 * ulp_out * result + partials + float(jnp.finfo(jnp.float32).tiny)
 
 
 def dequantize_swizzled_reference(packed, swizzled_scales, *, rows, k, dtype=jnp.bfloat16):

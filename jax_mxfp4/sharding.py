@@ -11,7 +11,10 @@ An MXFP4 weight is two arrays with the output feature N as rows:
   GEMM computes a partial product per shard and all-reduces it once.
 
 ``weight_shardings`` builds the pair of ``NamedSharding`` for a layer and
-checks the block rule; ``shard_weights`` places the arrays.
+checks the block rule; ``shard_weights`` places the arrays. Weights already
+prepared for a kernel (``jax_mxfp4.prepare_weights``) are placed with
+``shard_prepared_weights`` (``prepared_weight_shardings``): each kernel says
+how its own layout splits (Marlin: ``kernels.marlin_weights.prepared_specs``).
 
 The rest of this module is what the primitives' partition rules share (see
 ``jax_mxfp4.primitives.base``): reading a sharding as mesh axes per dimension,
@@ -36,6 +39,8 @@ __all__ = [
     "ShardingWarning",
     "LinearSharding",
     "plan_linear",
+    "prepared_weight_shardings",
+    "shard_prepared_weights",
     "shard_weights",
     "weight_shardings",
 ]
@@ -108,6 +113,30 @@ def shard_weights(w_packed, w_scales, mesh: Mesh, *, n_axis=None, k_axis=None):
     n, k = int(w_packed.shape[0]), int(w_packed.shape[1]) * 2
     packed_sharding, scales_sharding = weight_shardings(mesh, n_axis=n_axis, k_axis=k_axis, shape=(n, k))
     return jax.device_put(w_packed, packed_sharding), jax.device_put(w_scales, scales_sharding)
+
+
+def prepared_weight_shardings(weights, mesh: Mesh, *, n_axis=None, k_axis=None):
+    """``NamedSharding`` of each array of prepared weights (a ``PreparedWeights`` whose
+    arrays are shardings, for ``jax.device_put`` or ``jax.jit``'s in/out shardings),
+    for the layer split along N over ``n_axis`` and along K over ``k_axis``.
+
+    The layout is the preparing kernel's (``Mxfp4LinearKernel.prepared_specs``): the
+    canonical kernels split both arrays like ``weight_shardings``; Marlin splits
+    ``tiles`` along K and N and ``scales`` along N only. ``ValueError`` for a split
+    the checkpoint layout (whole 32-element K blocks, even N) or the kernel's layout
+    cannot take.
+    """
+    from jax_mxfp4.kernels.base import get_kernel
+
+    config = weights.config
+    weight_shardings(mesh, n_axis=n_axis, k_axis=k_axis, shape=(config.out_features, config.in_features))
+    specs = get_kernel(weights.kernel).prepared_specs(config, mesh, _as_axes(n_axis), _as_axes(k_axis))
+    return dataclasses.replace(weights, arrays={name: NamedSharding(mesh, specs[name]) for name in weights.arrays})
+
+
+def shard_prepared_weights(weights, mesh: Mesh, *, n_axis=None, k_axis=None):
+    """Places prepared weights on ``mesh`` split along N and/or K (``prepared_weight_shardings``)."""
+    return jax.device_put(weights, prepared_weight_shardings(weights, mesh, n_axis=n_axis, k_axis=k_axis))
 
 
 def explicit_linear_sharding(x, w):
@@ -288,23 +317,25 @@ class LinearSharding:
 
 
 def plan_linear(mesh: Mesh, x_shape, x_sharding, n: int, k: int, w_n: Axes, w_k: Axes,
-                *, k_multiple: int = BLOCK_SIZE) -> LinearSharding:
+                *, k_multiple: int = BLOCK_SIZE, n_multiple: int = 1) -> LinearSharding:
     """The sharding an MXFP4 linear layer runs with, from its operands' shardings.
 
     The weights' sharding wins (so weights are never gathered): N keeps the
     weights' N axes and K their K axes. If the weights are not split along K
     but x is, K follows x (the weights are then sliced, not gathered). K axes
     are kept only while every K shard stays a multiple of ``k_multiple``
-    elements (whole MXFP4 blocks), N axes only while N splits evenly. x's
+    elements (whole MXFP4 blocks), N axes only while N splits evenly into
+    shards of whole ``n_multiple`` features (a prepared layout's units). x's
     token dims keep their axes unless an axis is already used by N or K, or
     does not split the dim evenly; x is then resharded (a gather of
     activations, reported in ``notes``).
     """
     notes: list[str] = []
     x_dims = spec_axes(x_sharding, len(x_shape))
-    n_axes = dividing_prefix(mesh, w_n, n)
+    n_axes = dividing_prefix(mesh, w_n, n, n_multiple)
     if n_axes != w_n:
-        notes.append(f"N={n} does not split evenly over mesh axes {w_n}; N is split over {n_axes or 'none'}.")
+        unit = f" into shards of whole {n_multiple}-feature units" if n_multiple > 1 else " evenly"
+        notes.append(f"N={n} does not split{unit} over mesh axes {w_n}; N is split over {n_axes or 'none'}.")
     k_wanted = w_k or x_dims[-1]
     k_axes = dividing_prefix(mesh, k_wanted, k, k_multiple, exclude=n_axes)
     if k_axes != k_wanted:

@@ -1,9 +1,11 @@
-"""The Marlin W4A16 kernel: selection and large-M path on CPU, the CUDA kernel on the GPU.
+"""The Marlin W4A16 kernel: selection, the CPU handlers of its two custom calls, the CUDA kernels.
 
-GPU tests compare against ``reference.matmul_reference`` within
+GEMM tests compare against ``reference.matmul_reference`` within
 ``reference.matmul_tolerance`` (float32 accumulation-order bound + one output
-ulp) at every benchmark shape and at odd ones (N not a multiple of 64/128,
-M = 1, 7, 33, 129), for bfloat16 and float16, with fresh random data.
+ulp): on the GPU at every benchmark shape and at odd ones (N not a multiple
+of 64/128, M = 1, 7, 33, 129), on CPU (``csrc/marlin/marlin_cpu.cc``) at the
+odd shapes, for bfloat16 and float16, with fresh random data. The dense
+dequantization of prepared weights is compared bit for bit on both.
 """
 
 import jax
@@ -17,6 +19,8 @@ from jax_mxfp4.kernels import LinearConfig, marlin_weights
 from jax_mxfp4.primitives import marlin_dequantize
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Tests of the custom calls that run on both platforms (the gpu mark moves them to the GPU).
+PLATFORMS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
 BENCH_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (2880, 5760)]  # (K, N)
 ODD_SHAPES = [(4160, 200), (96, 96), (2880, 5760 + 32), (1024, 130), (64, 1)]
 
@@ -71,10 +75,10 @@ def test_float32_activations_are_refused():
     assert not ok and "bfloat16/float16" in reason
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(200, 4160), (96, 96), (33, 64)])
-def test_dense_path_matches_reference(dtype, n, k, rng):
+def test_dense_path_matches_reference(platform, dtype, n, k, rng):
     """The large-M path (marlin_dequantize -> dot) is exact to the reference's math."""
     wp, ws = random_weights(rng, n, k)
     config = LinearConfig(k, n, activation_dtype=DTYPES[dtype])
@@ -131,6 +135,36 @@ def marlin_apply(x, wp, ws, **kwargs):
     f = jax.jit(jax_mxfp4.mxfp4_linear)
     assert "jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()
     return f(x, prepared)
+
+
+# ---------------------------------------------------------------------------
+# CPU: the Marlin custom calls' CPU handlers (csrc/marlin/marlin_cpu.cc).
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k,n", ODD_SHAPES[:2] + ODD_SHAPES[3:])
+def test_cpu_handler_matches_reference(dtype, k, n, rng):
+    """The GEMM custom call on CPU devices, M = 1, 7, 33 (the registry never picks Marlin
+    there; the kernel prepares the weights directly). It is the canonical CPU GEMM on the
+    unprepared weights, bit for bit (special scales too: NaN blocks, flushed blocks, huge
+    and subnormal scales), and within the tolerance of the reference for random weights."""
+    kernel = kernels.get_kernel("marlin")
+    f = jax.jit(jax_mxfp4.mxfp4_linear)
+    for special in (False, True):
+        wp, ws = special_scale_weights(rng, max(n, 6), k) if special else random_weights(rng, n, k)
+        config = LinearConfig(k, int(wp.shape[0]), activation_dtype=DTYPES[dtype])
+        prepared = kernel.prepare_weights(wp, ws, config)
+        up, us = marlin_weights.unprepare_marlin_weights(prepared.arrays["tiles"], prepared.arrays["scales"],
+                                                         marlin_weights.marlin_layout(config.out_features, k,
+                                                                                      DTYPES[dtype]))
+        for m in (1, 7, 33):
+            x = jnp.asarray(rng.standard_normal((m, k)), DTYPES[dtype])
+            assert "jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()
+            y = f(x, prepared)
+            want = jax.jit(lambda a: jax_mxfp4.mxfp4_matmul(a, up, us, kernel="cpu"))(x)
+            np.testing.assert_array_equal(np.asarray(y).view(np.uint16), np.asarray(want).view(np.uint16))
+            if not special:
+                check_against_reference(y, x, wp, ws)
 
 
 @pytest.mark.gpu
@@ -216,10 +250,10 @@ def special_scale_weights(rng, n, k):
     return wp, jnp.asarray(ws)
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("platform", PLATFORMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", [(200, 4160), (8, 8192), (1024, 2048)])
-def test_cuda_marlin_dequantize_is_exact(dtype, n, k, rng):
+def test_marlin_dequantize_is_exact(platform, dtype, n, k, rng):
     """marlin_dequantize(prepared) == dequantize_reference(unprepare(prepared)), bit for bit
     (NaN blocks compared as NaN), for random and special scales."""
     for wp, ws in (random_weights(rng, n, k), special_scale_weights(rng, n, k)):

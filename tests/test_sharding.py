@@ -224,7 +224,7 @@ def assert_equal(got, want, what):
     np.testing.assert_array_equal(got, want, err_msg=what)
 
 
-def assert_within_tolerance(y, x, wp, ws, activation_format=None, what="y"):
+def assert_within_tolerance(y, x, wp, ws, activation_format=None, what="y", rounded_partials=0):
     """``|y - matmul_reference| <= matmul_tolerance`` elementwise (as in test_gemm)."""
     import numpy as np
 
@@ -232,7 +232,7 @@ def assert_within_tolerance(y, x, wp, ws, activation_format=None, what="y"):
 
     want = reference.matmul_reference(x, wp, ws, activation_format=activation_format, out_dtype=y.dtype)
     x_eff = reference.fake_quantize_reference(x) if activation_format else x
-    tol = reference.matmul_tolerance(x_eff, wp, ws, y.dtype)
+    tol = reference.matmul_tolerance(x_eff, wp, ws, y.dtype, rounded_partials=rounded_partials)
     err = np.abs(np.asarray(y, np.float64) - np.asarray(want, np.float64))
     assert np.all(np.isfinite(np.asarray(y, np.float64))), f"{what}: non-finite values"
     assert np.all(err <= tol), f"{what}: error exceeds matmul_tolerance by up to {np.max(err - tol):g}"
@@ -488,6 +488,149 @@ def mlp_megatron_one_all_reduce():
 
 
 # ---------------------------------------------------------------------------
+# Marlin-prepared weights under jax.jit: the Marlin GEMM and dequantize
+# primitives' own rules (CPU handlers on the host devices, the CUDA kernels on GPUs).
+
+
+def marlin_prepared(wp, ws, dtype="bfloat16"):
+    import jax.numpy as jnp
+
+    from jax_mxfp4.kernels import LinearConfig, get_kernel
+
+    n, k = int(wp.shape[0]), int(wp.shape[1]) * 2
+    return get_kernel("marlin").prepare_weights(wp, ws, LinearConfig(k, n, activation_dtype=jnp.dtype(dtype)))
+
+
+def _marlin_case(mesh_name, x_shape, x_spec, n_axis, k_axis, *, all_reduces, n=N, dense=False,
+                 scales_spec=None, expect_warning=None, dtype="bfloat16"):
+    """A Marlin layer placed with ``shard_prepared_weights(n_axis, k_axis)`` (``scales_spec``
+    overrides the scales' placement), run by ``jax.jit`` on x placed with ``x_spec``;
+    ``dense``: the large-M path (``mxfp4_marlin_dequantize`` + dot) instead of the GEMM."""
+    import jax
+
+    import jax_mxfp4
+    from jax_mxfp4 import sharding
+    from jax_mxfp4.kernels import get_kernel
+
+    mesh = meshes()[mesh_name]
+    x = activations(x_shape, dtype)
+    wp, ws = weights(n, x_shape[-1])
+    prepared = marlin_prepared(wp, ws, dtype)
+    placed = sharding.shard_prepared_weights(prepared, mesh, n_axis=n_axis, k_axis=k_axis)
+    if scales_spec is not None:
+        placed.arrays["scales"] = put(mesh, prepared.arrays["scales"], *scales_spec)
+    fn = get_kernel("marlin").dense_matmul if dense else jax_mxfp4.mxfp4_linear
+    y, metrics = compile_and_run(fn, put(mesh, x, *x_spec), placed, expect_warning=expect_warning)
+    hlo = jax.jit(fn).lower(put(mesh, x, *x_spec), placed).compile().as_text()
+    primitive = "mxfp4_marlin_dequantize" if dense else "mxfp4_marlin_gemm"
+    assert f"jax_mxfp4_{primitive.removeprefix('mxfp4_')}" in hlo, f"{primitive} is not in the program"
+    if expect_warning is None:
+        assert metrics["u8_all_gathers"] == 0, f"uint8 tiles/scales are all-gathered: {metrics}"
+        no_gathers(metrics)
+    assert metrics["all-reduce"] == all_reduces, f"expected {all_reduces} all-reduce(s): {metrics}"
+    want = unsharded(fn, x, prepared)
+    k_shards = sharding.axes_size(mesh, sharding.spec_axes(placed.arrays["tiles"].sharding, 2)[0])
+    if PLATFORM == "cpu" and all_reduces == 0:
+        assert_equal(y, want, "y vs unsharded")  # the same float32 dot per output
+    else:
+        # Marlin partials leave the kernel in x's dtype: k_shards roundings more (dense: none).
+        partials = 0 if dense or all_reduces == 0 else k_shards
+        assert_within_tolerance(y, x, wp, ws, what="y vs reference", rounded_partials=partials)
+        assert_within_tolerance(want, x, wp, ws, what="unsharded y vs reference")
+    return metrics
+
+
+@case
+def marlin_column_parallel():
+    return _marlin_case("2x4", (16, K), ("dp", None), "tp", None, all_reduces=0)
+
+
+@case
+def marlin_row_parallel():
+    return _marlin_case("2x4", (16, K), ("dp", "tp"), None, "tp", all_reduces=1)
+
+
+@case
+def marlin_row_parallel_3d_1x8():
+    return _marlin_case("1x8", (2, 4, K), (None, None, "tp"), None, "tp", all_reduces=1, dtype="float16")
+
+
+@case(min_devices=8)
+def marlin_n_and_k_split():
+    return _marlin_case("2x4", (8, K), (None, "dp"), "tp", "dp", all_reduces=1)
+
+
+@case
+def marlin_dense_path_column_parallel():
+    return _marlin_case("2x4", (16, K), ("dp", None), "tp", None, all_reduces=0, dense=True)
+
+
+@case
+def marlin_dense_path_row_parallel():
+    # The dequantized weight is K-split like the tiles; the dot's partials are summed by XLA.
+    return _marlin_case("2x4", (16, K), ("dp", "tp"), None, "tp", all_reduces=1, dense=True)
+
+
+@case
+def marlin_scales_split_along_rows_resharded():
+    # scales split along their rows would cut the row-factor planes off: gathered, with the reason.
+    metrics = _marlin_case("2x4", (4, K), (None, "tp"), None, "tp", all_reduces=1, scales_spec=("tp", None),
+                           expect_warning=r"row factors")
+    assert metrics["u8_all_gathers"] == 1, f"only the small scales array is gathered: {metrics}"
+    return metrics
+
+
+@case
+def marlin_n_not_whole_units_resharded():
+    # N = 96 over 4 (GPUs: 2) devices: 24 (48) features per shard are not whole 32-feature
+    # units -> N replicated.
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import jax_mxfp4
+    from jax_mxfp4 import sharding
+
+    mesh = meshes()["2x4"]
+    x = activations((8, K))
+    wp, ws = weights(96, K)
+    prepared = marlin_prepared(wp, ws)
+    try:
+        sharding.shard_prepared_weights(prepared, mesh, n_axis="tp")
+    except ValueError as err:
+        assert "whole 32-feature units" in str(err), err
+    else:
+        raise AssertionError("shard_prepared_weights accepted N=96 over 4 shards")
+    # Placed by hand anyway (tiles split in units of 16 bytes): resharded, with the reason.
+    placed = jax.device_put(prepared, jax.tree.map(lambda a: NamedSharding(mesh, P(None, "tp")), prepared))
+    y, metrics = compile_and_run(jax_mxfp4.mxfp4_linear, put(mesh, x), placed,
+                                 expect_warning=r"whole 32-feature units")
+    assert_equal(y, unsharded(jax_mxfp4.mxfp4_linear, x, prepared), "y vs unsharded")
+    return metrics
+
+
+@case
+def marlin_explicit_axes_row_parallel():
+    import jax
+    from jax.sharding import AxisType, PartitionSpec as P
+
+    import jax_mxfp4
+    from jax_mxfp4 import sharding
+
+    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
+                         devices=meshes()["2x4"].devices.flat)
+    x = activations((16, K))
+    wp, ws = weights(N, K)
+    placed = sharding.shard_prepared_weights(marlin_prepared(wp, ws), mesh, k_axis="tp")
+    y, metrics = compile_and_run(jax_mxfp4.mxfp4_linear, put(mesh, x, "dp", "tp"), placed)
+    no_gathers(metrics, "explicit-axes Marlin")
+    assert metrics["all-reduce"] == 1, metrics
+    assert y.sharding.spec == P("dp", None), y.sharding
+    tp = sharding.axes_size(mesh, ("tp",))
+    assert_within_tolerance(y, x, wp, ws, rounded_partials=tp)
+    return metrics
+
+
+# ---------------------------------------------------------------------------
 # shard_map: the ops on local shards.
 
 
@@ -617,7 +760,7 @@ def explicit_axes_xla_kernel_row_parallel():
 
 # ---------------------------------------------------------------------------
 # The mechanism is generic: a toy primitive declares its rules the same way
-# (what the Marlin and SM100 GEMM primitives do), including a workspace.
+# (as the Marlin GEMM primitive does), including a workspace.
 
 
 @case(cpu_only="the toy primitive has a CPU lowering only")

@@ -1,12 +1,13 @@
 // The prepared ("Marlin") layout of MXFP4 weights: THE one specification.
 //
 // Everything that produces or consumes prepared weights derives from the
-// constants and functions in this header: the CUDA kernel (marlin_gemm.cu),
-// the host-side preparation used by the GPU self-test (MarlinPrepareHost
-// below), and the jnp preparation in jax_mxfp4/kernels/marlin_weights.py,
+// constants and functions in this header: the CUDA kernels (marlin_gemm.cu,
+// marlin_dequantize.cu), the host-side preparation used by the GPU self-test
+// (PrepareHost below) and its inverse used by the CPU handlers (UnprepareHost,
+// marlin_cpu.cc), and the jnp preparation in jax_mxfp4/kernels/marlin_weights.py,
 // which tests/test_marlin_layout.py checks against this file (it parses the
-// extraction tables below and compares MarlinPrepareHost's bytes with
-// Python's, byte for byte).
+// extraction tables below and compares PrepareHost's bytes with Python's,
+// byte for byte).
 //
 // ---------------------------------------------------------------------------
 // Input (canonical MXFP4, DESIGN.md section 2)
@@ -294,6 +295,48 @@ inline void PrepareHost(const uint8_t* w_packed, const uint8_t* w_scales, int64_
     const uint32_t f = RowFactorBits(off, nan_row);
     for (int i = 0; i < kRowFactorPlanes; ++i)
       scales[(kb_count + i) * n_pad + row] = static_cast<uint8_t>(f >> (8 * i));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host inverse of PrepareHost (unprepare_marlin_weights in marlin_weights.py is
+// its jnp twin): prepared tiles/scales of an [n, k] weight -> canonical
+// w_packed uint8[n, k/2] and linear w_scales uint8[n, k/32]. Codes round-trip
+// exactly; a block the accuracy contract flushed (multiplier byte 0) comes back
+// as scale byte 0. Used by the CPU handlers of the Marlin custom calls
+// (marlin_cpu.cc), which then compute with the canonical CPU code.
+inline void UnprepareHost(const uint8_t* tiles, const uint8_t* scales, int64_t n, int64_t k, InputDType dt,
+                          uint8_t* w_packed, uint8_t* w_scales) {
+  const int64_t kb_count = k / kBlockK, n_pad = PaddedN(n);
+  int src_bit[4][2][4];
+  for (int p = 0; p < 4; ++p)
+    for (int e = 0; e < 2; ++e)
+      for (int b = 0; b < 4; ++b) src_bit[p][e][b] = SourceBit(dt, p, e, b);
+
+  for (int64_t row = 0; row < n; ++row) {
+    const int64_t u = row / kUnitN;
+    const int r = static_cast<int>(row % kUnitN);
+    uint32_t factor = 0;
+    for (int i = 0; i < kRowFactorPlanes; ++i)
+      factor |= static_cast<uint32_t>(scales[(kb_count + i) * n_pad + row]) << (8 * i);
+    const int off = RowOffsetOfFactorBits(factor);
+    for (int64_t kb = 0; kb < kb_count; ++kb) {
+      const uint8_t mult = scales[kb * n_pad + kUnitN * u + 4 * (r % 8) + r / 8];
+      w_scales[row * kb_count + kb] = CanonicalScaleByte(mult, off, dt);
+      for (int kk = 0; kk < kBlockK; kk += 2) {
+        uint8_t byte = 0;
+        for (int e2 = 0; e2 < 2; ++e2) {
+          const UnitCoord c = CoordOf(r, kk + e2);
+          const uint8_t* src = tiles + WordOffset(kb, n_pad, u, c.lane, c.j);
+          const uint32_t word = static_cast<uint32_t>(src[0]) | (static_cast<uint32_t>(src[1]) << 8) |
+                                (static_cast<uint32_t>(src[2]) << 16) | (static_cast<uint32_t>(src[3]) << 24);
+          uint32_t code = 0;
+          for (int b = 0; b < 4; ++b) code |= ((word >> src_bit[c.p][c.e][b]) & 1u) << b;
+          byte |= static_cast<uint8_t>(code << (4 * e2));
+        }
+        w_packed[row * (k / 2) + (kBlockK * kb + kk) / 2] = byte;
+      }
+    }
   }
 }
 

@@ -12,6 +12,8 @@
 #                         (marlin_ffi.cc). Add its objects to the nanobind
 #                         module ($<TARGET_OBJECTS:mxfp4_marlin>)
 #                         (the module links the CUDA runtime, statically).
+#   (marlin_cpu.cc, the CPU handlers of the same custom calls, is not here: the
+#   top-level CMakeLists.txt compiles it into the module with or without CUDA.)
 #   mxfp4_marlin_selftest (EXCLUDE_FROM_ALL) the standalone GPU self-test;
 #                         build with `cmake --build <dir> --target mxfp4_marlin_selftest`.
 #

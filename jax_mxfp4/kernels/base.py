@@ -125,6 +125,19 @@ class Mxfp4LinearKernel(abc.ABC):
     def prepare_weights(self, w_packed, w_scales, config: LinearConfig) -> PreparedWeights:
         """Canonical weights (uint8[N, K/2], linear uint8[N, K/32]) -> this kernel's layout."""
 
+    def prepared_specs(self, config: LinearConfig, mesh, n_axes: tuple[str, ...],
+                       k_axes: tuple[str, ...]) -> dict[str, "jax.sharding.PartitionSpec"]:
+        """``PartitionSpec`` of each prepared array for a layer split along N over mesh
+        axes ``n_axes`` (column-parallel) and along K over ``k_axes`` (row-parallel),
+        the sharding its primitives run with locally. ``ValueError`` (saying why) where
+        this kernel's layout cannot be split so. Used by
+        ``jax_mxfp4.sharding.shard_prepared_weights``; a kernel that does not override
+        it cannot have its prepared weights placed that way."""
+        raise NotImplementedError(
+            f"kernel {self.name!r} does not say how its prepared weights split over a mesh "
+            "(Mxfp4LinearKernel.prepared_specs); shard the canonical weights "
+            "(jax_mxfp4.sharding.shard_weights) and prepare them inside jax.jit or jax.shard_map.")
+
     @abc.abstractmethod
     def matmul(self, x, weights: PreparedWeights):
         """x[..., K] (already fake-quantized for W4A4 unless ``native_w4a4``) -> y[..., N]."""
@@ -153,6 +166,13 @@ class CanonicalLayoutKernel(Mxfp4LinearKernel):
 
     def prepare_weights(self, w_packed, w_scales, config: LinearConfig) -> PreparedWeights:
         return PreparedWeights({"packed": w_packed, "scales": w_scales}, self.name, config)
+
+    def prepared_specs(self, config, mesh, n_axes, k_axes):
+        # Both arrays have N as rows and K (in whole blocks) as columns.
+        from jax_mxfp4.sharding import to_spec
+
+        spec = to_spec((n_axes, k_axes))
+        return {"packed": spec, "scales": spec}
 
 
 def fake_quantize_activations(x, rounding):

@@ -50,6 +50,16 @@ class CutlassSm100Kernel(Mxfp4LinearKernel):
     def prepare_weights(self, w_packed, w_scales, config: LinearConfig) -> PreparedWeights:
         return PreparedWeights(prepare_sm100_weights(w_packed, w_scales), self.name, config)
 
+    def prepared_specs(self, config, mesh, n_axes, k_axes):
+        if n_axes or k_axes:
+            raise ValueError(
+                "the SM100 W4A4 GEMM primitive has no partitioning rules (its swizzled scale tiles cover 128 "
+                "rows x 4 blocks, and it has not run on Blackwell hardware yet): split such a layer under "
+                "jax.shard_map, preparing each shard's weights there.")
+        from jax.sharding import PartitionSpec
+
+        return {"packed": PartitionSpec(), "scales": PartitionSpec()}
+
     def matmul(self, x, weights: PreparedWeights):
         return w4a4_linear(x, weights.arrays["packed"], weights.arrays["scales"],
                            rounding=weights.config.activation_rounding).astype(x.dtype)

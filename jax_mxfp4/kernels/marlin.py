@@ -25,7 +25,7 @@ from jax_mxfp4.kernels.base import (
     default_device,
     register_kernel,
 )
-from jax_mxfp4.kernels.marlin_weights import marlin_layout, prepare_marlin_weights
+from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marlin_weights, prepared_specs
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
 
 __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
@@ -82,17 +82,31 @@ class MarlinKernel(Mxfp4LinearKernel):
         tiles, scales, _ = prepare_marlin_weights(w_packed, w_scales, config.activation_dtype)
         return PreparedWeights({"tiles": tiles, "scales": scales}, self.name, config)
 
+    def prepared_specs(self, config, mesh, n_axes, k_axes):
+        from jax_mxfp4.sharding import axes_size
+
+        shards = axes_size(mesh, n_axes)
+        if config.out_features % (UNIT_N * shards):
+            raise ValueError(
+                f"N={config.out_features} split over mesh axes {n_axes} ({shards} shards): the Marlin layout "
+                f"splits N only into shards of whole {UNIT_N}-feature units (N a multiple of {UNIT_N * shards}).")
+        return prepared_specs(n_axes, k_axes)
+
     def matmul(self, x, weights: PreparedWeights):
         tokens = math.prod(int(d) for d in x.shape[:-1])
         if DENSE_FROM_TOKENS is not None and tokens >= DENSE_FROM_TOKENS:
             return self.dense_matmul(x, weights)
         return self.kernel_matmul(x, weights)
 
-    def kernel_matmul(self, x, weights: PreparedWeights):
-        """The Marlin GEMM kernel at any M (``matmul`` uses it below ``DENSE_FROM_TOKENS``)."""
+    def kernel_matmul(self, x, weights: PreparedWeights, *, ctas_per_sm: int = 1):
+        """The Marlin GEMM kernel at any M (``matmul`` uses it below ``DENSE_FROM_TOKENS``).
+
+        ``ctas_per_sm`` > 1 plans the launch for that many CTAs per SM (a grid of
+        ``ctas_per_sm`` x the SM count; benchmarks measure it against the default)."""
         config = weights.config
         return marlin_gemm.marlin_gemm(x, weights.arrays["tiles"], weights.arrays["scales"],
-                                       n=config.out_features, k=config.in_features, sm_count=_sm_count())
+                                       n=config.out_features, k=config.in_features,
+                                       sm_count=ctas_per_sm * _sm_count())
 
     def dense_matmul(self, x, weights: PreparedWeights):
         """The large-M path: dequantize the prepared weights in one pass

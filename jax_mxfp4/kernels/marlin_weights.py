@@ -16,11 +16,15 @@ Shapes, for ``N`` output features and ``K`` inputs (``K % 32 == 0``), with
 * ``scales``: ``uint8[Kb + 4, N_pad]`` (``Kb`` rows of block-multiplier bytes,
   then 4 byte planes of the float32 per-feature factor)
 
-Both keep ``N`` on axis 1 in whole 32-feature groups, so a column-parallel
-(N-sharded) layer can shard the prepared arrays along axis 1 exactly like the
-canonical ones (shard sizes multiple of 32 features). For K-sharding, prepare
-each K shard separately (its row factors are then per shard, which is correct
-because each shard's partial product is scaled independently before the psum).
+Sharding (``prepared_specs``): both arrays keep ``N`` on axis 1 in whole
+32-feature units, so a column-parallel (N-split) layer splits them along axis
+1 (shards of whole units, so N a multiple of 32 per shard). A row-parallel
+(K-split) layer splits ``tiles`` along its ``Kb`` rows and keeps ``scales``
+whole along axis 0 (1/16 of the tiles' bytes): its last four rows are the
+per-feature row factors, valid for every K slice, and each device takes its
+own multiplier rows with ``k_shard_scales``. (``shard_map`` users may instead
+prepare each K shard separately: its row factors are then per shard, which is
+also correct because each shard's partial product is scaled before the sum.)
 """
 
 from __future__ import annotations
@@ -37,8 +41,10 @@ from jax_mxfp4.layout import ScaleLayout, scale_shape
 
 __all__ = [
     "MarlinLayout",
+    "k_shard_scales",
     "marlin_layout",
     "prepare_marlin_weights",
+    "prepared_specs",
     "source_bit_table",
     "unprepare_marlin_weights",
 ]
@@ -132,6 +138,21 @@ def marlin_layout(n: int, k: int, dtype) -> MarlinLayout:
     if n <= 0:
         raise ValueError(f"N = {n} must be positive.")
     return MarlinLayout(int(n), int(k), _dtype_name(dtype))
+
+
+def prepared_specs(n_axes: tuple[str, ...], k_axes: tuple[str, ...]) -> dict:
+    """``PartitionSpec`` of ``tiles`` and ``scales`` for a weight split along N over mesh
+    axes ``n_axes`` and along K over ``k_axes`` (see the module docstring)."""
+    from jax_mxfp4.sharding import to_spec
+
+    return {"tiles": to_spec((k_axes, n_axes)), "scales": to_spec(((), n_axes))}
+
+
+def k_shard_scales(scales, kb_shard: int, shard):
+    """The ``scales`` of K shard ``shard`` (a traced index is fine) of ``kb_shard`` blocks:
+    its multiplier rows ``[shard * kb_shard, (shard + 1) * kb_shard)`` and the row factors."""
+    rows = jax.lax.dynamic_slice_in_dim(scales, shard * kb_shard, kb_shard, axis=0)
+    return jnp.concatenate([rows, scales[-ROW_FACTOR_PLANES:]], axis=0)
 
 
 def _row_offsets(scales, name):

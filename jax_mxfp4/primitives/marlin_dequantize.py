@@ -6,7 +6,13 @@
 those of ``formats.dequantize_codes`` on ``unprepare_marlin_weights(tiles,
 scales)``. Used by the Marlin kernel's large-M path (a dense GEMM on the
 result); lowers to the CUDA handler ``MarlinDequantizeFfi``
-(``csrc/marlin/marlin_dequantize.cu``): one pass over the prepared bytes.
+(``csrc/marlin/marlin_dequantize.cu``: one pass over the prepared bytes) and
+to the CPU handler in ``csrc/marlin/marlin_cpu.cc`` (same values).
+
+Sharding: like the weight operand of ``mxfp4_marlin_gemm`` (see there): N
+split in whole 32-feature units and K split in whole blocks stay local, the
+result ``w`` is split alike (N on axis 0, K on axis 1); ``scales`` stays whole
+along its rows.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import numpy as np
 from jax import core, lax
 from jax.interpreters import batching
 
-from jax_mxfp4 import validation
-from jax_mxfp4.formats import input_dtype_code
-from jax_mxfp4.kernels.marlin_weights import MarlinLayout
-from jax_mxfp4.primitives.base import FfiPrimitive, register_primitive
+from jax_mxfp4 import sharding, validation
+from jax_mxfp4.formats import BLOCK_SIZE, input_dtype_code
+from jax_mxfp4.kernels.marlin_weights import UNIT_N, MarlinLayout, k_shard_scales
+from jax_mxfp4.primitives.base import FfiPrimitive, Partition, register_primitive
+from jax_mxfp4.primitives.marlin_gemm import prepared_rule, scales_notes
 
 __all__ = ["MarlinDequantizePrimitive", "marlin_dequantize"]
 
@@ -28,7 +35,7 @@ __all__ = ["MarlinDequantizePrimitive", "marlin_dequantize"]
 class MarlinDequantizePrimitive(FfiPrimitive):
     name = "mxfp4_marlin_dequantize"
     target = "jax_mxfp4_marlin_dequantize"
-    platforms = ("cuda",)
+    platforms = ("cpu", "cuda")
     operand_names = ("tiles", "scales")
 
     @classmethod
@@ -55,6 +62,34 @@ class MarlinDequantizePrimitive(FfiPrimitive):
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
         args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
         return lax.map(lambda a: cls.bind(*a, **params), tuple(args)), 0
+
+    @classmethod
+    def sharding_rule(cls, mesh, in_shapes, out_shapes, *, n, k, dtype):
+        rb = sharding.RuleBuilder()
+        tiles, scales, n_dim = prepared_rule(rb, n, k)
+        k_dim = rb.dim(("k", k // BLOCK_SIZE), ("b", BLOCK_SIZE))
+        return f"{tiles}, {scales} -> {n_dim} {k_dim}", rb.sizes()
+
+    @classmethod
+    def partition(cls, mesh, args, *, n, k, dtype):
+        tiles, scales = args
+        t_k, t_n = sharding.spec_axes(tiles.sharding, 2)
+        n_axes = sharding.dividing_prefix(mesh, t_n, n, UNIT_N)
+        k_axes = sharding.dividing_prefix(mesh, t_k, k, BLOCK_SIZE, exclude=n_axes)
+        notes = list(scales_notes(scales))
+        if (n_axes, k_axes) != (t_n, t_k):
+            notes.append(f"N={n} must split into whole {UNIT_N}-feature units and K={k} into whole "
+                         f"{BLOCK_SIZE}-element blocks; split over N {n_axes or 'none'}, K {k_axes or 'none'}.")
+        n_local = n // sharding.axes_size(mesh, n_axes)
+        k_local = k // sharding.axes_size(mesh, k_axes)
+
+        def local(tiles, scales):
+            if k_axes:
+                scales = k_shard_scales(scales, k_local // BLOCK_SIZE, lax.axis_index(k_axes))
+            return cls.inner_primitive.bind(tiles, scales, n=n_local, k=k_local, dtype=dtype)
+
+        in_specs = (sharding.to_spec((k_axes, n_axes)), sharding.to_spec(((), n_axes)))
+        return Partition(in_specs, (sharding.to_spec((n_axes, k_axes)),), local, tuple(notes))
 
 
 def marlin_dequantize(tiles, scales, layout: MarlinLayout):

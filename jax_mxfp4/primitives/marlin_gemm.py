@@ -3,10 +3,31 @@
 ``y[..., N] = x[..., K] @ dequantize(W)^T`` with ``x`` bfloat16/float16 and
 ``W`` prepared once by ``kernels.marlin_weights.prepare_marlin_weights``
 (layout spec: ``csrc/marlin/marlin_layout.h``). Lowers to the CUDA handler in
-``csrc/marlin/marlin_ffi.cc``. The split-K scratch is a second result whose
-size the extension computes at trace time for the same SM count the kernel
-is launched with (passed as the ``sm_count`` attribute), so XLA owns that
-memory and the call is graph-safe.
+``csrc/marlin/marlin_ffi.cc`` and, on CPU devices, to the CPU handler in
+``csrc/marlin/marlin_cpu.cc`` (same operands and attributes). The split-K
+scratch is a hidden second result whose size the extension computes at trace
+time for the same SM count the kernel is launched with (the ``sm_count``
+attribute), so XLA owns that memory and the call is graph-safe.
+
+Sharding (``sharding_rule``, ``partition``; mechanism in ``base``): the
+prepared arrays keep N on axis 1 in whole 32-feature units and K on the
+``Kb`` rows of ``tiles``, so
+
+* tokens (x's leading dims) split -> local;
+* N split (column-parallel) -> local, ``tiles`` and ``scales`` split along
+  axis 1, when N splits into whole 32-feature units per shard;
+* K split (row-parallel) -> ``tiles`` split along its ``Kb`` rows in whole
+  blocks, ``x`` along K; ``scales`` stays whole along axis 0 (its last four
+  rows are the per-feature row factors, which every K shard needs: each device
+  slices its own multiplier rows, ``marlin_weights.k_shard_scales``). Each
+  device's partial product comes out of the kernel in x's dtype and the
+  partials are summed by one all-reduce in that dtype, as a dense bf16
+  row-parallel layer does: one rounding of each partial more than the
+  unsharded GEMM (the CPU ``mxfp4_gemm`` sums in float32 instead; the Marlin
+  kernel has no float32 output).
+
+``marlin_weights.prepared_specs`` gives the shardings to place prepared
+weights with (``jax_mxfp4.sharding.shard_prepared_weights``).
 """
 
 from __future__ import annotations
@@ -18,12 +39,12 @@ import numpy as np
 from jax import core, lax
 from jax.interpreters import batching
 
-from jax_mxfp4 import _native, validation
-from jax_mxfp4.formats import input_dtype_code
-from jax_mxfp4.kernels.marlin_weights import marlin_layout
-from jax_mxfp4.primitives.base import FfiPrimitive, register_primitive
+from jax_mxfp4 import _native, sharding, validation
+from jax_mxfp4.formats import BLOCK_SIZE, input_dtype_code
+from jax_mxfp4.kernels.marlin_weights import UNIT_BYTES, UNIT_N, k_shard_scales, marlin_layout
+from jax_mxfp4.primitives.base import FfiPrimitive, Partition, register_primitive
 
-__all__ = ["MarlinGemmPrimitive", "marlin_gemm", "workspace_bytes"]
+__all__ = ["MarlinGemmPrimitive", "marlin_gemm", "prepared_rule", "workspace_bytes"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -38,12 +59,40 @@ def workspace_bytes(m: int, n: int, k: int, sm_count: int) -> int:
     return size
 
 
+def prepared_rule(rb: sharding.RuleBuilder, n: int, k: int) -> tuple[str, str, str]:
+    """Shardy rule text of ``tiles``, ``scales`` and of the weight's N dimension.
+
+    ``tiles [Kb, N_pad*16]`` is ``k (u c)``: Kb blocks, then units of 32
+    features (512 bytes each); ``scales [Kb+4, N_pad]`` is ``r (u d)``: its
+    rows are never split, its columns are units of 32 features. N of a result
+    is ``(u d)`` when N has no padding, otherwise a factor of its own (such a
+    layer is never split along N).
+    """
+    layout = marlin_layout(n, k, jnp.bfloat16)
+    units = layout.n_pad // UNIT_N
+    tiles = f"{rb.dim(('k', layout.kb))} {rb.dim(('u', units), ('c', UNIT_BYTES))}"
+    scales = f"{rb.dim(('r', layout.kb + 4))} {rb.dim(('u', units), ('d', UNIT_N))}"
+    n_dim = rb.dim(("u", units), ("d", UNIT_N)) if n == layout.n_pad else rb.dim(("o", n))
+    return tiles, scales, n_dim
+
+
+def scales_notes(scales) -> tuple[str, ...]:
+    """Why prepared ``scales`` split along their rows are resharded."""
+    rows, _ = sharding.spec_axes(scales.sharding, 2)
+    if not rows:
+        return ()
+    return (f"prepared Marlin scales {tuple(scales.shape)} end with 4 rows of per-feature row factors that "
+            f"every K shard needs: split them along N only (axis 1), not over {rows} "
+            "(jax_mxfp4.sharding.shard_prepared_weights places them so).",)
+
+
 @register_primitive
 class MarlinGemmPrimitive(FfiPrimitive):
     name = "mxfp4_marlin_gemm"
     target = "jax_mxfp4_marlin_gemm"
-    platforms = ("cuda",)
-    multiple_results = True
+    platforms = ("cpu", "cuda")
+    num_workspace_results = 1
+    operand_names = ("x", "tiles", "scales")
 
     @classmethod
     def abstract_eval(cls, x, tiles, scales, *, n: int, k: int, sm_count: int, dtype: int):
@@ -70,22 +119,44 @@ class MarlinGemmPrimitive(FfiPrimitive):
     def ffi_attributes(cls, *, n: int, k: int, sm_count: int, dtype: int):
         return {"n": np.int64(n), "k": np.int64(k), "sm_count": np.int64(sm_count), "dtype": np.int32(dtype)}
 
-
     @classmethod
     def batch(cls, args, dims, **params):
         x, tiles, scales = args
         dx, dt, ds = dims
         if dt is None and ds is None:
             # Only x is batched: one more leading axis of x (folds into M).
-            y, ws = cls.bind(jnp.moveaxis(x, dx, 0), tiles, scales, **params)
-            return (y, ws), (0, None)
+            return cls.bind(jnp.moveaxis(x, dx, 0), tiles, scales, **params), 0
         size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
         args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
-        return lax.map(lambda a: tuple(cls.bind(*a, **params)), tuple(args)), (0, 0)
+        return lax.map(lambda a: cls.bind(*a, **params), tuple(args)), 0
+
+    @classmethod
+    def sharding_rule(cls, mesh, in_shapes, out_shapes, *, n, k, sm_count, dtype):
+        rb = sharding.RuleBuilder()
+        x = rb.dim(("k", k // BLOCK_SIZE), ("b", BLOCK_SIZE))
+        tiles, scales, n_dim = prepared_rule(rb, n, k)
+        rule = f"... {x}, {tiles}, {scales} -> ... {n_dim}"
+        return rule, {**rb.sizes(), "reduction_factors": rb.used("k", "b")}
+
+    @classmethod
+    def partition(cls, mesh, args, *, n, k, sm_count, dtype):
+        x, tiles, scales = args
+        t_k, t_n = sharding.spec_axes(tiles.sharding, 2)
+        plan = sharding.plan_linear(mesh, x.shape, x.sharding, n, k, t_n, t_k, n_multiple=UNIT_N)
+        n_local = n // sharding.axes_size(mesh, plan.n)
+        k_local = k // sharding.axes_size(mesh, plan.k)
+
+        def local(x, tiles, scales):
+            if plan.k:
+                scales = k_shard_scales(scales, k_local // BLOCK_SIZE, lax.axis_index(plan.k))
+            y, _ = cls.inner_primitive.bind(x, tiles, scales, n=n_local, k=k_local, sm_count=sm_count, dtype=dtype)
+            return lax.psum(y, plan.k) if plan.k else y
+
+        in_specs = (plan.x_spec, sharding.to_spec((plan.k, plan.n)), sharding.to_spec(((), plan.n)))
+        return Partition(in_specs, (plan.y_spec,), local, plan.notes + scales_notes(scales))
 
 
 def marlin_gemm(x, tiles, scales, *, n: int, k: int, sm_count: int):
     """Binds ``mxfp4_marlin_gemm``; returns ``y[..., N]`` in x's dtype."""
-    y, _workspace = MarlinGemmPrimitive.bind(
-        x, tiles, scales, n=n, k=k, sm_count=sm_count, dtype=int(input_dtype_code(x.dtype)))
-    return y
+    return MarlinGemmPrimitive.bind(x, tiles, scales, n=n, k=k, sm_count=sm_count,
+                                    dtype=int(input_dtype_code(x.dtype)))
