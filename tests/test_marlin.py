@@ -195,9 +195,14 @@ def test_cuda_kernel_matches_reference(dtype, k, n, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [256, 1024])
 def test_cuda_kernel_large_m(m, rng):
+    """The kernel itself at large M (``matmul`` dispatches M >= DENSE_FROM_TOKENS to the dense path)."""
     wp, ws = random_weights(rng, 5760, 2880)
     x = jnp.asarray(rng.standard_normal((m, 2880)), jnp.bfloat16)
-    check_against_reference(marlin_apply(x, wp, ws), x, wp, ws)
+    kernel = kernels.get_kernel("marlin")
+    prepared = kernel.prepare_weights(wp, ws, LinearConfig(2880, 5760))
+    f = jax.jit(kernel.kernel_matmul)
+    assert "jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()
+    check_against_reference(f(x, prepared), x, wp, ws)
 
 
 @pytest.mark.gpu
