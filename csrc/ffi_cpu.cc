@@ -1,4 +1,4 @@
-// CPU handlers for the quantize and GEMM custom calls.
+// CPU handlers for the quantize, GEMM and W4A4 (swizzled-scale) GEMM custom calls.
 //
 // Real loops over the data (not a call back into XLA): they make the package
 // usable on machines without a GPU and are tested bit for bit (quantize) and
@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstring>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "ffi_common.h"
@@ -253,6 +254,65 @@ ffi::Error GemmImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> w_packed, ffi::Buffer
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------
+// W4A4 GEMM with swizzled_128x4 scales (the operands of the SM100 block-scaled
+// GEMM, registered under its target name for the CPU platform):
+//   d[..., N] = dequantize(a, a_scales) @ dequantize(b, b_scales)^T, bf16.
+// a is dequantized exactly to float32 (every E2M1 * 2^e is a float32, or a
+// float32 subnormal floor below 2^-149), then the canonical GEMM runs with
+// float32 accumulation and one rounding to bfloat16 (the CUTLASS kernel also
+// accumulates in float32 and rounds once).
+
+// Linear [rows, kb_count] copy of the scales of a swizzled buffer.
+std::vector<uint8_t> UnswizzleScales(const uint8_t* swizzled, int64_t rows, int64_t kb_count) {
+  std::vector<uint8_t> linear(static_cast<size_t>(rows * kb_count));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t kb = 0; kb < kb_count; ++kb) linear[r * kb_count + kb] = swizzled[SwizzledOffset(r, kb, kb_count)];
+  return linear;
+}
+
+ffi::Error W4A4GemmImpl(ffi::Buffer<ffi::U8> a, ffi::Buffer<ffi::U8> a_scales, ffi::Buffer<ffi::U8> b,
+                        ffi::Buffer<ffi::U8> b_scales, ffi::Result<ffi::Buffer<ffi::BF16>> d,
+                        ffi::Result<ffi::Buffer<ffi::U8>> workspace) {
+  (void)workspace;  // the CUDA kernel's scratch
+  const auto ad = a.dimensions();
+  const auto bd = b.dimensions();
+  if (ad.size() < 1 || bd.size() != 2 || bd[1] != ad.back())
+    return InvalidArgument("w4a4_gemm: a" + ShapeString(ad) + " and b" + ShapeString(bd) +
+                           " must be packed MXFP4 [..., K/2] and [N, K/2] with the same K");
+  const int64_t k = 2 * ad.back(), m = LeadingRows(ad), n = bd[0];
+  if (k % kBlockSize) return InvalidArgument("w4a4_gemm: K = " + std::to_string(k) + " is not a multiple of 32");
+  const int64_t kb_count = k / kBlockSize;
+  for (const auto& [buf, rows, name] : {std::tuple{&a_scales, m, "a_scales"}, std::tuple{&b_scales, n, "b_scales"}}) {
+    const ScaleShape want = GetScaleShape(rows, k, ScaleLayout::kSwizzled128x4);
+    const auto sd = buf->dimensions();
+    if (sd.size() != 2 || sd[0] != want.rows || sd[1] != want.cols)
+      return InvalidArgument(std::string("w4a4_gemm: ") + name + " has shape " + ShapeString(sd) +
+                             ", expected the padded swizzled buffer [" + std::to_string(want.rows) + ", " +
+                             std::to_string(want.cols) + "]");
+  }
+  if (static_cast<int64_t>(d->element_count()) != m * n) return InvalidArgument("w4a4_gemm: d has the wrong size");
+  if (m == 0 || n == 0) return ffi::Error::Success();
+
+  const std::vector<uint8_t> a_lin = UnswizzleScales(a_scales.typed_data(), m, kb_count);
+  const std::vector<uint8_t> b_lin = UnswizzleScales(b_scales.typed_data(), n, kb_count);
+  std::vector<uint32_t> a_f32(static_cast<size_t>(m * k));
+  const uint8_t* ap = a.typed_data();
+  for (int64_t i = 0; i < m * k; ++i) {
+    const uint32_t code = (ap[i / 2] >> (4 * (i % 2))) & 0xFu;
+    a_f32[i] = DequantizeToF32Bits(code, a_lin[(i / k) * kb_count + (i % k) / kBlockSize]);
+  }
+  std::vector<float> out(static_cast<size_t>(m * n));
+  GemmCanonicalCpu(a_f32.data(), ffi::DataType::F32, m, k, b.typed_data(), b_lin.data(), n, out.data());
+  uint16_t* dp = reinterpret_cast<uint16_t*>(d->typed_data());
+  for (int64_t i = 0; i < m * n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, &out[i], 4);
+    dp[i] = F32BitsToBf16Bits(bits);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 void GemmCanonicalCpu(const void* x, ffi::DataType x_dtype, int64_t m, int64_t k, const uint8_t* w_packed,
@@ -293,5 +353,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMxfp4GemmCpu, GemmImpl,
                                   .Arg<ffi::Buffer<ffi::U8>>()  // w_packed: [N, K/2]
                                   .Arg<ffi::Buffer<ffi::U8>>()  // w_scales: [N, K/32] linear
                                   .Ret<ffi::AnyBuffer>());      // y: x's dtype [..., N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMxfp4W4A4GemmCpu, W4A4GemmImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // a: E2M1 packed [..., K/2]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // a_scales: swizzled [RoundUp(M,128), RoundUp(K/32,4)]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // b: E2M1 packed [N, K/2]
+                                  .Arg<ffi::Buffer<ffi::U8>>()    // b_scales: swizzled [RoundUp(N,128), RoundUp(K/32,4)]
+                                  .Ret<ffi::Buffer<ffi::BF16>>()  // d: bf16 [..., N]
+                                  .Ret<ffi::Buffer<ffi::U8>>());  // workspace (CUDA only; unused here)
 
 }  // namespace jax_mxfp4

@@ -13,6 +13,8 @@ namespace jax_mxfp4 {
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMxfp4QuantizeCpu);
 // jax_mxfp4_gemm on the CPU platform (linear-scale W4A16 GEMM).
 XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMxfp4GemmCpu);
+// jax_mxfp4_sm100_w4a4_gemm on the CPU platform (W4A4, swizzled_128x4 scales).
+XLA_FFI_DECLARE_HANDLER_SYMBOL(JaxMxfp4W4A4GemmCpu);
 
 // y[m, n] = x[m, k] @ dequantize(w_packed, w_scales)^T on the host: canonical
 // weights (uint8[n, k/2] codes, linear uint8[n, k/32] scales), x and y of

@@ -49,6 +49,7 @@ nb::dict Registrations() {
   cpu["jax_mxfp4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4GemmCpu);
   cpu["jax_mxfp4_marlin_gemm"] = Capsule(jax_mxfp4::JaxMxfp4MarlinGemmCpu);
   cpu["jax_mxfp4_marlin_dequantize"] = Capsule(jax_mxfp4::JaxMxfp4MarlinDequantizeCpu);
+  cpu["jax_mxfp4_sm100_w4a4_gemm"] = Capsule(jax_mxfp4::JaxMxfp4W4A4GemmCpu);
   nb::dict out;
   out["cpu"] = cpu;
 #if JAX_MXFP4_WITH_CUDA

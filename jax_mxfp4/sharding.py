@@ -115,6 +115,15 @@ def shard_weights(w_packed, w_scales, mesh: Mesh, *, n_axis=None, k_axis=None):
     return jax.device_put(w_packed, packed_sharding), jax.device_put(w_scales, scales_sharding)
 
 
+def check_whole_units(mesh: Mesh, axes: Axes, size: int, unit: int, dim: str, what: str) -> None:
+    """``ValueError`` unless ``dim`` (of ``size``) splits over mesh ``axes`` into shards of
+    whole ``unit``-element ``what`` (a prepared layout's atom)."""
+    shards = axes_size(mesh, axes)
+    if size % (unit * shards):
+        raise ValueError(f"{dim}={size} split over mesh axes {axes} ({shards} shards): the prepared layout splits "
+                         f"{dim} only into whole {unit}-element {what} ({dim} a multiple of {unit * shards}).")
+
+
 def prepared_weight_shardings(weights, mesh: Mesh, *, n_axis=None, k_axis=None):
     """``NamedSharding`` of each array of prepared weights (a ``PreparedWeights`` whose
     arrays are shardings, for ``jax.device_put`` or ``jax.jit``'s in/out shardings),

@@ -598,7 +598,7 @@ def marlin_n_not_whole_units_resharded():
     try:
         sharding.shard_prepared_weights(prepared, mesh, n_axis="tp")
     except ValueError as err:
-        assert "whole 32-feature units" in str(err), err
+        assert "whole 32-element feature units" in str(err), err
     else:
         raise AssertionError("shard_prepared_weights accepted N=96 over 4 shards")
     # Placed by hand anyway (tiles split in units of 16 bytes): resharded, with the reason.
@@ -629,6 +629,92 @@ def marlin_explicit_axes_row_parallel():
     tp = sharding.axes_size(mesh, ("tp",))
     assert_within_tolerance(y, x, wp, ws, rounded_partials=tp)
     return metrics
+
+
+# ---------------------------------------------------------------------------
+# The SM100 W4A4 GEMM primitive under jax.jit (its CPU handler on the host devices;
+# the CUDA kernel needs Blackwell, so these cases do not run on the Hopper GPUs).
+
+SM100_ONLY = "the SM100 kernel runs on Blackwell only (its CPU handler runs here)"
+
+
+def _sm100_case(mesh_name, x_shape, x_spec, n, n_axis, *, expect_warning=None, w_spec=None):
+    import jax.numpy as jnp
+
+    from jax_mxfp4 import sharding
+    from jax_mxfp4.kernels import LinearConfig, get_kernel
+    from jax_mxfp4.kernels.cutlass_sm100 import w4a4_linear
+
+    mesh = meshes()[mesh_name]
+    x = activations(x_shape)
+    wp, ws = weights(n, x_shape[-1])
+    config = LinearConfig(x_shape[-1], n, jnp.bfloat16, "mxfp4")
+    prepared = get_kernel("cutlass_sm100").prepare_weights(wp, ws, config)
+    if w_spec is None:
+        placed = sharding.shard_prepared_weights(prepared, mesh, n_axis=n_axis)
+    else:
+        placed = type(prepared)({k: put(mesh, v, *w_spec) for k, v in prepared.arrays.items()},
+                                prepared.kernel, prepared.config)
+    fn = lambda a, w: w4a4_linear(a, w.arrays["packed"], w.arrays["scales"])  # noqa: E731
+    y, metrics = compile_and_run(fn, put(mesh, x, *x_spec), placed, expect_warning=expect_warning)
+    if expect_warning is None:
+        assert metrics["u8_all_gathers"] == 0, f"uint8 weights/scales are all-gathered: {metrics}"
+        no_gathers(metrics)
+    assert metrics["all-reduce"] == 0, f"the SM100 GEMM is never K-split: {metrics}"
+    assert_equal(y, unsharded(fn, x, prepared), "y vs unsharded")  # the same float32 dot per output
+    assert_within_tolerance(y, x, wp, ws, "mxfp4", "y vs reference")
+    return metrics
+
+
+@case(cpu_only=SM100_ONLY)
+def sm100_column_parallel_and_tokens():
+    # 256 tokens over dp (128-row tiles each), N = 512 over tp (128 rows each on 4 devices).
+    return _sm100_case("2x4", (256, K), ("dp", None), 512, "tp")
+
+
+@case(cpu_only=SM100_ONLY)
+def sm100_column_parallel_decode_1x8():
+    return _sm100_case("1x8", (4, K), (None, None), 1024, "tp")
+
+
+def _sm100_row_parallel(mesh_name, x_shape, x_spec, n, n_axis, k_axis):
+    import jax.numpy as jnp
+
+    from jax_mxfp4 import sharding
+    from jax_mxfp4.kernels import LinearConfig, get_kernel
+    from jax_mxfp4.kernels.cutlass_sm100 import w4a4_linear
+
+    mesh = meshes()[mesh_name]
+    x = activations(x_shape)
+    wp, ws = weights(n, x_shape[-1])
+    prepared = get_kernel("cutlass_sm100").prepare_weights(wp, ws, LinearConfig(x_shape[-1], n, jnp.bfloat16, "mxfp4"))
+    placed = sharding.shard_prepared_weights(prepared, mesh, n_axis=n_axis, k_axis=k_axis)
+    fn = lambda a, w: w4a4_linear(a, w.arrays["packed"], w.arrays["scales"])  # noqa: E731
+    y, metrics = compile_and_run(fn, put(mesh, x, *x_spec), placed)
+    assert metrics["u8_all_gathers"] == 0, f"uint8 weights/scales are all-gathered: {metrics}"
+    no_gathers(metrics)
+    assert metrics["all-reduce"] == 1, f"expected one all-reduce: {metrics}"
+    k_shards = sharding.axes_size(mesh, sharding.spec_axes(placed.arrays["packed"].sharding, 2)[1])
+    assert_within_tolerance(y, x, wp, ws, "mxfp4", "y vs reference", rounded_partials=k_shards)
+    return metrics
+
+
+@case(cpu_only=SM100_ONLY)
+def sm100_row_parallel_decode():
+    # <= 128 rows: the quantize primitive's band-split scale buffer is each shard's local buffer.
+    return _sm100_row_parallel("2x4", (16, 1024), (None, "tp"), 256, None, "tp")
+
+
+@case(cpu_only=SM100_ONLY)
+def sm100_row_parallel_many_rows_1x8():
+    # 300 rows (3 row tiles), x replicated: each device quantizes its K slice and takes its
+    # K tiles of every row tile of the weight scales.
+    return _sm100_row_parallel("1x8", (300, 1024), (None, None), 256, None, "tp")
+
+
+@case(cpu_only=SM100_ONLY, min_devices=8)
+def sm100_n_and_k_split():
+    return _sm100_row_parallel("2x4", (8, 1024), (None, "dp"), 512, "tp", "dp")
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""SM100 W4A4 path on the host: CUTLASS's own scale layout, weight prep, selection, shapes.
+"""SM100 W4A4 path on the host: CUTLASS's own scale layout, weight prep, selection, shapes,
+and the GEMM custom call's CPU handler against the reference.
 
 The kernel itself is compiled for sm_100a only and no Blackwell GPU is
 reachable; these tests prove what can be proven without one.
@@ -106,6 +107,22 @@ def test_w4a4_layer_on_cpu_runs_fake_quantized(rng):
     y = jax_mxfp4.mxfp4_matmul(x, wp, ws, activation_format="mxfp4", activation_rounding="rceil")
     want = reference.matmul_reference(x, wp, ws, activation_format="mxfp4", activation_rounding="rceil")
     np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 256, 512), (7, 200, 4160), (300, 512, 256), (129, 8, 32)])
+def test_gemm_cpu_handler_matches_reference(m, n, k, rng):
+    """The custom call on CPU devices (csrc/ffi_cpu.cc): quantize x with swizzled scales, then
+    the W4A4 GEMM; within matmul_tolerance of the reference on the fake-quantized x."""
+    wp, ws = reference.quantize_reference(jnp.asarray(rng.standard_normal((n, k)), jnp.float32))
+    prepared = prepare_sm100_weights(wp, ws)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    f = jax.jit(lambda v: w4a4_linear(v, prepared["packed"], prepared["scales"]))
+    assert "jax_mxfp4_sm100_w4a4_gemm" in f.lower(x).as_text()
+    y = f(x)
+    want = reference.matmul_reference(x, wp, ws, activation_format="mxfp4", out_dtype=jnp.bfloat16)
+    tol = reference.matmul_tolerance(reference.fake_quantize_reference(x), wp, ws, jnp.bfloat16)
+    err = np.abs(np.asarray(y, np.float64) - np.asarray(want, np.float64))
+    assert y.dtype == jnp.bfloat16 and np.all(err <= np.asarray(tol)), float(np.max(err - tol))
 
 
 def test_bad_operands_raise():

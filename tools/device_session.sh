@@ -50,6 +50,10 @@ sanitize_marlin() {
   run racecheck_marlin_selftest compute-sanitizer --tool racecheck --error-exitcode 3 /tmp/marlin_selftest --quick
   run memcheck_marlin_ffi tools/sanitize.sh memcheck Marlin python3 tools/sanitizer_driver.py marlin
 }
+sanitize_dequantize() {
+  run memcheck_dequantize tools/sanitize.sh memcheck MarlinDequantize python3 tools/sanitizer_driver.py marlin_dequantize
+  run racecheck_dequantize tools/sanitize.sh racecheck MarlinDequantize python3 tools/sanitizer_driver.py marlin_dequantize
+}
 sanitize_quantize() {
   run memcheck_quantize tools/sanitize.sh memcheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
   run racecheck_quantize tools/sanitize.sh racecheck QuantizeKernel python3 tools/sanitizer_driver.py quantize
@@ -74,6 +78,7 @@ for stage in "$@"; do
     sanitize) sanitize_marlin; sanitize_quantize ;;
     sanitize-marlin) sanitize_marlin ;;
     sanitize-quantize) sanitize_quantize ;;
+    sanitize-dequantize) sanitize_dequantize ;;
     profile)
       for k in quantize marlin; do
         pat=QuantizeKernel; [ $k = marlin ] && pat=Marlin

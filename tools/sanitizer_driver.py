@@ -6,7 +6,8 @@
 Covers every rounding mode and scale layout of the quantize kernel (M = 1,
 odd M and K, swizzled padding) and the Marlin GEMM at M = 1, 7, 33, 129 and
 300 with N/K residues, split-K and both activation dtypes, plus the dense
-dequantization of its large-M path (MarlinDequantizeKernel). XLA command buffers
+dequantization of its large-M path (MarlinDequantizeKernel; alone with
+``marlin_dequantize``, for racecheck of its shared-memory staging). XLA command buffers
 (CUDA graphs) are turned off so the sanitizer sees plain launches. Exits 0 and
 prints "sanitizer driver: N launches" when every call returned.
 """
@@ -47,10 +48,24 @@ def main(which: str):
             x = jnp.asarray(rng.standard_normal((7, k)), dtype)
             jax.block_until_ready(jax.jit(jax_mxfp4.kernels.get_kernel("marlin").dense_matmul)(x, prepared))
             launches += 1
+    for dtype in (jnp.bfloat16, jnp.float16) if which == "marlin_dequantize" else ():
+        # The dense dequantization alone: k-block residues (130, 3 blocks for 8-block CTAs),
+        # N not a multiple of 32, NaN and flushed scales.
+        for n, k in ((200, 4160), (33, 96), (1024, 2048), (8, 8192)):
+            wp = jnp.asarray(rng.integers(0, 256, (n, k // 2), dtype=np.uint8))
+            ws = np.asarray(rng.integers(100, 140, (n, k // 32)), np.uint8)
+            ws[0, 0], ws[-1, :] = 0xFF, np.arange(k // 32) % 256
+            prepared = jax_mxfp4.prepare_weights(wp, jnp.asarray(ws), activation_dtype=dtype, kernel="marlin")
+            layout = jax_mxfp4.kernels.marlin_weights.marlin_layout(n, k, dtype)
+            from jax_mxfp4.primitives.marlin_dequantize import marlin_dequantize
+
+            jax.block_until_ready(jax.jit(lambda t, s: marlin_dequantize(t, s, layout))(
+                prepared.arrays["tiles"], prepared.arrays["scales"]))
+            launches += 1
     print(f"sanitizer driver: {launches} launches")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or sys.argv[1] not in ("quantize", "marlin"):
-        sys.exit("usage: sanitizer_driver.py quantize|marlin")
+    if len(sys.argv) != 2 or sys.argv[1] not in ("quantize", "marlin", "marlin_dequantize"):
+        sys.exit("usage: sanitizer_driver.py quantize|marlin|marlin_dequantize")
     main(sys.argv[1])

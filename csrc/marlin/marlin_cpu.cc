@@ -26,6 +26,7 @@
 #include "../ffi_common.h"
 #include "../ffi_cpu.h"
 #include "../mxfp4.h"
+#include "marlin_ffi_checks.h"
 #include "marlin_layout.h"
 
 namespace jax_mxfp4 {
@@ -42,15 +43,7 @@ ffi::Error Unprepare(const std::string& op, const ffi::Buffer<ffi::U8>& tiles, c
   if (n <= 0 || k <= 0 || k % kBlockK)
     return InvalidArgument(op + ": N = " + std::to_string(n) + ", K = " + std::to_string(k) +
                            ": need N > 0 and K a positive multiple of 32");
-  const PreparedShape ps = GetPreparedShape(n, k);
-  const auto t_dims = tiles.dimensions();
-  if (t_dims.size() != 2 || t_dims[0] != ps.tiles_rows || t_dims[1] != ps.tiles_cols)
-    return InvalidArgument(op + ": tiles has shape " + ShapeString(t_dims) + ", expected [" +
-                           std::to_string(ps.tiles_rows) + ", " + std::to_string(ps.tiles_cols) + "]");
-  const auto s_dims = scales.dimensions();
-  if (s_dims.size() != 2 || s_dims[0] != ps.scales_rows || s_dims[1] != ps.scales_cols)
-    return InvalidArgument(op + ": scales has shape " + ShapeString(s_dims) + ", expected [" +
-                           std::to_string(ps.scales_rows) + ", " + std::to_string(ps.scales_cols) + "]");
+  if (ffi::Error bad = CheckPreparedShapes(op, tiles, scales, n, k); bad.failure()) return bad;
   out->packed.resize(static_cast<size_t>(n * (k / 2)));
   out->scales.resize(static_cast<size_t>(n * (k / kBlockK)));
   UnprepareHost(tiles.typed_data(), scales.typed_data(), n, k, dt, out->packed.data(), out->scales.data());

@@ -12,15 +12,16 @@
 // NaN for a NaN block, and 0 for a block the layout's accuracy contract
 // flushed (its multiplier byte is 0).
 //
-// Work split: a warp handles the 32 rows of one layout unit at one k block
-// (it reads that unit's 512 contiguous bytes and each lane writes its row's
-// 32 values, 64 contiguous bytes); a CTA of kWarps warps takes kWarps
-// consecutive k blocks. Measured on an H100: 146 us for 8192 x 8192 (~38% of
-// HBM bandwidth), the same with per-bit decoding as with the rotate-and-mask
-// decoding below, so the stores (a warp's store instruction touches 32 rows)
-// rather than the arithmetic are the limit: staging a CTA's 32 rows x 8 blocks
-// in shared memory and storing whole 512-byte row segments per warp is the
-// next step.
+// Work split: a CTA of kWarps warps takes one layout unit (32 rows) and
+// kWarps consecutive k blocks. Phase 1: warp w decodes block kb0 + w, as the
+// unit's 512 contiguous bytes (lane r computes row r's 32 values, 64 bytes)
+// and parks them in shared memory. Phase 2: each warp writes whole row
+// segments: one 512-byte segment (32 rows x kWarps blocks x 64 bytes / row)
+// per store instruction, 16 bytes per lane, fully coalesced. (The first form
+// stored each lane's 64 bytes straight from registers: one store instruction
+// touched 32 rows, and the kernel ran at ~38% of HBM bandwidth, 146 us for
+// 8192 x 8192 on an H100.) The staging buffer is XOR-swizzled by row so that
+// both phases hit all 32 banks (4 wavefronts per 512 bytes).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -35,79 +36,98 @@ namespace jax_mxfp4 {
 namespace marlin {
 namespace {
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 8;                          // k blocks per CTA, one per warp in phase 1
+constexpr int kRowChunks = kWarps * kBlockK * 2 / 16;  // 16-byte chunks of a row segment (32)
+static_assert(kRowChunks == 32, "phase 2 gives one chunk of each row segment to each lane");
 
 template <InputDType kDType>
 __global__ void __launch_bounds__(kWarps * 32)
     MarlinDequantizeKernel(const uint8_t* __restrict__ tiles, const uint8_t* __restrict__ scales,
                            uint16_t* __restrict__ w, int64_t n, int64_t k, int64_t n_pad) {
+  // stage[row][chunk ^ row]: row r's 16-byte chunk c (k elements 8c .. 8c + 7 of the segment).
+  __shared__ uint4 stage[kUnitN][kRowChunks];
   const int64_t kb_count = k / kBlockK;
-  const int64_t kb = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t kb0 = static_cast<int64_t>(blockIdx.x) * kWarps;
   const int64_t unit = blockIdx.y;
-  const int r = threadIdx.x % 32;  // row inside the unit
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  // ---- phase 1: warp `warp` decodes block kb0 + warp; lane r holds row r's 32 values ----
+  const int64_t kb = kb0 + warp;
+  const int r = lane;
   const int64_t row = unit * kUnitN + r;
-  if (kb >= kb_count || row >= n) return;
+  if (kb < kb_count && row < n) {
+    // Scale: multiplier byte of (kb, row) in column 32 unit + 4 g + j; row factor planes after the Kb rows.
+    const int g = r % 8, j = r / 8;
+    const uint8_t mult = scales[kb * n_pad + unit * kUnitN + 4 * g + j];
+    uint32_t factor = 0;
+    for (int i = 0; i < kRowFactorPlanes; ++i)
+      factor |= static_cast<uint32_t>(scales[(kb_count + i) * n_pad + row]) << (8 * i);
+    const uint8_t scale = CanonicalScaleByte(mult, RowOffsetOfFactorBits(factor), kDType);
 
-  // Scale: multiplier byte of (kb, row) in column 32 unit + 4 g + j; row factor planes after the Kb rows.
-  const int g = r % 8, j = r / 8;
-  const uint8_t mult = scales[kb * n_pad + unit * kUnitN + 4 * g + j];
-  uint32_t factor = 0;
-  for (int i = 0; i < kRowFactorPlanes; ++i)
-    factor |= static_cast<uint32_t>(scales[(kb_count + i) * n_pad + row]) << (8 * i);
-  const uint8_t scale = CanonicalScaleByte(mult, RowOffsetOfFactorBits(factor), kDType);
-
-  // The layout places each code's fields at the bf16 / fp16 positions (TargetBit), so two
-  // rotate-and-masks give a register p holding elements (p, e = 0) and (p, e = 1) as a
-  // bf16x2 / f16x2 of value E2M1 * 2^-126 (bf16) or E2M1 * 2^-14 (fp16), as in the GEMM.
-  // Widened to float32 and multiplied by 2^126 (2^14) and by 2^(s - 127), each product is
-  // exact (no float32 overflow before the last one, no underflow at all), and the pair is
-  // rounded once to the output dtype: the reference's E2M1 * 2^(s - 127) rounded once.
-  constexpr float kUnbias = IsBf16(kDType) ? 0x1p126f : 0x1p14f;
-  const float block_scale = scale == 0 ? 0x1p-127f : __uint_as_float(static_cast<uint32_t>(scale) << 23);
-  uint32_t out[kBlockK / 2];  // bf16/fp16 pairs (k, k + 1); constant indices only, so registers
-  if (scale == kE8M0Nan) {
-    const uint32_t nan = IsBf16(kDType) ? F32BitsToBf16Bits(0x7FC00000u) : F32BitsToF16Bits(0x7FC00000u);
+    // The layout places each code's fields at the bf16 / fp16 positions (TargetBit), so two
+    // rotate-and-masks give a register p holding elements (p, e = 0) and (p, e = 1) as a
+    // bf16x2 / f16x2 of value E2M1 * 2^-126 (bf16) or E2M1 * 2^-14 (fp16), as in the GEMM.
+    // Widened to float32 and multiplied by 2^126 (2^14) and by 2^(s - 127), each product is
+    // exact (no float32 overflow before the last one, no underflow at all), and the pair is
+    // rounded once to the output dtype: the reference's E2M1 * 2^(s - 127) rounded once.
+    constexpr float kUnbias = IsBf16(kDType) ? 0x1p126f : 0x1p14f;
+    const float block_scale = scale == 0 ? 0x1p-127f : __uint_as_float(static_cast<uint32_t>(scale) << 23);
+    uint32_t out[kBlockK / 2];  // bf16/fp16 pairs (k, k + 1); constant indices only, so registers
+    if (scale == kE8M0Nan) {
+      const uint32_t nan = IsBf16(kDType) ? F32BitsToBf16Bits(0x7FC00000u) : F32BitsToF16Bits(0x7FC00000u);
 #pragma unroll
-    for (int i = 0; i < kBlockK / 2; ++i) out[i] = nan | (nan << 16);
-  } else {
+      for (int i = 0; i < kBlockK / 2; ++i) out[i] = nan | (nan << 16);
+    } else {
 #pragma unroll
-    for (int t = 0; t < 4; ++t) {
-      const uint32_t word = *reinterpret_cast<const uint32_t*>(tiles + WordOffset(kb, n_pad, unit, 4 * g + t, j));
+      for (int t = 0; t < 4; ++t) {
+        const uint32_t word = *reinterpret_cast<const uint32_t*>(tiles + WordOffset(kb, n_pad, unit, 4 * g + t, j));
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        uint32_t reg = 0;
+        for (int p = 0; p < 4; ++p) {
+          uint32_t reg = 0;
 #pragma unroll
-        for (int group = 0; group < 2; ++group) {
-          const ExtractGroup x = Extract(kDType, p, group);
-          if (x.fields) reg |= __funnelshift_r(word, word, x.rot) & FieldMask(kDType, x.fields);
+          for (int group = 0; group < 2; ++group) {
+            const ExtractGroup x = Extract(kDType, p, group);
+            if (x.fields) reg |= __funnelshift_r(word, word, x.rot) & FieldMask(kDType, x.fields);
+          }
+          float lo, hi;
+          if constexpr (IsBf16(kDType)) {
+            lo = __uint_as_float(reg << 16);
+            hi = __uint_as_float(reg & 0xFFFF0000u);
+          } else {
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&reg));
+            lo = f.x;
+            hi = f.y;
+          }
+          lo = lo * kUnbias * block_scale;
+          hi = hi * kUnbias * block_scale;
+          uint32_t pair;
+          if constexpr (IsBf16(kDType)) {
+            const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+            pair = *reinterpret_cast<const uint32_t*>(&v);
+          } else {
+            const __half2 v = __floats2half2_rn(lo, hi);
+            pair = *reinterpret_cast<const uint32_t*>(&v);
+          }
+          // k inside the block: 16 s + 8 h + 2 t + e with p = 2 s + h (CoordOf's inverse): pair 4 p + t.
+          out[4 * p + t] = pair;
         }
-        float lo, hi;
-        if constexpr (IsBf16(kDType)) {
-          lo = __uint_as_float(reg << 16);
-          hi = __uint_as_float(reg & 0xFFFF0000u);
-        } else {
-          const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&reg));
-          lo = f.x;
-          hi = f.y;
-        }
-        lo = lo * kUnbias * block_scale;
-        hi = hi * kUnbias * block_scale;
-        uint32_t pair;
-        if constexpr (IsBf16(kDType)) {
-          const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-          pair = *reinterpret_cast<const uint32_t*>(&v);
-        } else {
-          const __half2 v = __floats2half2_rn(lo, hi);
-          pair = *reinterpret_cast<const uint32_t*>(&v);
-        }
-        // k inside the block: 16 s + 8 h + 2 t + e with p = 2 s + h (CoordOf's inverse): pair 4 p + t.
-        out[4 * p + t] = pair;
       }
     }
-  }
-  uint4* dst = reinterpret_cast<uint4*>(w + row * k + kb * kBlockK);
 #pragma unroll
-  for (int i = 0; i < 4; ++i) dst[i] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
+    for (int i = 0; i < 4; ++i)
+      stage[r][(4 * warp + i) ^ r] = make_uint4(out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]);
+  }
+  __syncthreads();
+
+  // ---- phase 2: warp `warp` stores rows warp, warp + kWarps, ...; lane l writes chunk l ----
+  const int64_t blocks = kb_count - kb0 < kWarps ? kb_count - kb0 : kWarps;
+  if (lane / 4 >= blocks) return;  // chunk l belongs to block kb0 + l / 4
+  for (int rr = warp; rr < kUnitN; rr += kWarps) {
+    const int64_t out_row = unit * kUnitN + rr;
+    if (out_row >= n) break;
+    uint4* dst = reinterpret_cast<uint4*>(w + out_row * k + kb0 * kBlockK);
+    dst[lane] = stage[rr][lane ^ rr];
+  }
 }
 
 }  // namespace

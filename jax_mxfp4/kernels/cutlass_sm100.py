@@ -6,6 +6,8 @@ GEMM (``csrc/sm100/w4a4_gemm.cu``). Selected only on compute capability 10.0
 (the build carries sm_100a code only); everywhere else a W4A4 layer runs as
 fake-quantized activations on the best W4A16 kernel, with the same numerics up
 to accumulation order. Compiled and host-tested; not yet run on Blackwell.
+The GEMM custom call also has a CPU handler (tests, sharding rules on host
+devices); the registry still never selects this kernel off Blackwell.
 """
 
 from __future__ import annotations
@@ -51,14 +53,17 @@ class CutlassSm100Kernel(Mxfp4LinearKernel):
         return PreparedWeights(prepare_sm100_weights(w_packed, w_scales), self.name, config)
 
     def prepared_specs(self, config, mesh, n_axes, k_axes):
-        if n_axes or k_axes:
-            raise ValueError(
-                "the SM100 W4A4 GEMM primitive has no partitioning rules (its swizzled scale tiles cover 128 "
-                "rows x 4 blocks, and it has not run on Blackwell hardware yet): split such a layer under "
-                "jax.shard_map, preparing each shard's weights there.")
-        from jax.sharding import PartitionSpec
+        # Rows of both arrays are N (the swizzled scales in 128-row tiles); packed
+        # splits along K too, the swizzled scales stay whole along K (each device
+        # takes its K tiles; primitives/sm100_gemm.py, "Sharding").
+        from jax_mxfp4.formats import BLOCK_SIZE
+        from jax_mxfp4.layout import SWIZZLE_COLS, SWIZZLE_ROWS
+        from jax_mxfp4.sharding import check_whole_units, to_spec
 
-        return {"packed": PartitionSpec(), "scales": PartitionSpec()}
+        check_whole_units(mesh, n_axes, config.out_features, SWIZZLE_ROWS, "N", "rows of swizzled scale tiles")
+        check_whole_units(mesh, k_axes, config.in_features, SWIZZLE_COLS * BLOCK_SIZE, "K",
+                          "columns of swizzled scale tiles")
+        return {"packed": to_spec((n_axes, k_axes)), "scales": to_spec((n_axes, ()))}
 
     def matmul(self, x, weights: PreparedWeights):
         return w4a4_linear(x, weights.arrays["packed"], weights.arrays["scales"],

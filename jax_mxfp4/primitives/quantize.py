@@ -40,7 +40,7 @@ from jax_mxfp4.formats import BLOCK_SIZE, Rounding, parse_rounding
 from jax_mxfp4.layout import SWIZZLE_COLS, SWIZZLE_ROWS, ScaleLayout, parse_scale_layout
 from jax_mxfp4.primitives.base import FfiPrimitive, Partition, register_primitive
 
-__all__ = ["QuantizePrimitive", "quantize"]
+__all__ = ["QuantizePrimitive", "quantize", "swizzled_token_split"]
 
 
 def _output_shapes(x_shape, scale_layout: ScaleLayout):
@@ -163,10 +163,16 @@ def _partition_linear(mesh, x):
     return Partition((spec,), (spec, spec), None, tuple(notes))
 
 
-def _partition_swizzled(mesh, x, scale_layout, rounding):
-    dims = sharding.spec_axes(x.sharding, len(x.shape))
-    shape = tuple(int(d) for d in x.shape)
-    k, rows = shape[-1], int(np.prod(shape[:-1], dtype=np.int64))
+def swizzled_token_split(mesh, shape, dims):
+    """How the token (leading) dims of an operand with a swizzled scale buffer may split.
+
+    ``shape``/``dims``: the operand's shape and mesh axes per dim (last = K).
+    Returns ``(lead, m_axes, notes)``: the kept axes per leading dim, the axes
+    the buffer's rows split over (whole 128-row tiles), and why requested
+    splits were dropped (see the module docstring). Shared with the SM100
+    GEMM's rule, whose activation scales are this buffer.
+    """
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
     notes = []
     # Tokens: one leading dim, everything before it of size 1, whole tiles.
     lead: list[tuple[str, ...]] = [()] * (len(shape) - 1)
@@ -188,6 +194,14 @@ def _partition_swizzled(mesh, x, scale_layout, rounding):
                          f"{SWIZZLE_ROWS}, so local scale buffers would not concatenate into the global one; "
                          f"rows are split over {kept or 'none'}.")
         lead[d], m_axes = kept, kept
+    return lead, m_axes, notes
+
+
+def _partition_swizzled(mesh, x, scale_layout, rounding):
+    dims = sharding.spec_axes(x.sharding, len(x.shape))
+    shape = tuple(int(d) for d in x.shape)
+    k, rows = shape[-1], int(np.prod(shape[:-1], dtype=np.int64))
+    lead, m_axes, notes = swizzled_token_split(mesh, shape, dims)
     local_rows = rows // sharding.axes_size(mesh, m_axes)
     # K: whole 4-column tiles per shard, and one row tile per shard.
     tile_k = SWIZZLE_COLS * BLOCK_SIZE
