@@ -40,9 +40,9 @@ def main(which: str):
             w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
             wp, ws = jax_mxfp4.quantize_mxfp4(w)
             prepared = jax_mxfp4.prepare_weights(wp, ws, activation_dtype=dtype, kernel="marlin")
-            for m in (1, 7, 33, 129, 300):
+            for m in (1, 7, 33, 129, 300):  # the kernel itself, also above DENSE_FROM_TOKENS
                 x = jnp.asarray(rng.standard_normal((m, k)), dtype)
-                jax.block_until_ready(jax.jit(jax_mxfp4.mxfp4_linear)(x, prepared))
+                jax.block_until_ready(jax.jit(jax_mxfp4.kernels.get_kernel("marlin").kernel_matmul)(x, prepared))
                 launches += 1
             # The large-M path's dense dequantization (MarlinDequantizeKernel), at a small M.
             x = jnp.asarray(rng.standard_normal((7, k)), dtype)

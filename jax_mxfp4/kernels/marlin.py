@@ -32,15 +32,15 @@ __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
 
 #: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM
 #: (``dense_matmul``); None: always the Marlin kernel. Measured on an H100
-#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, commit 9c1215f, rows
-#: "marlin", "marlin_dense" and "marlin_kernel"): at M = 1024 the dense path
-#: beats the kernel on all six benchmark shapes (8192x28672: 1082 vs 1560 us;
-#: 2880x5760: 81 vs 131 us); at M = 512 the kernel wins on four of six
-#: (8192x28672: 769 vs 797 us) and loses on 4096x4096 and 2880x5760 (70 vs
-#: 60 us, 73 vs 61 us). M between 512 and 1024 was not measured. At M = 2048 and
-#: 4096 (commit d01b10a) the dense path takes about half the kernel's time on all six
-#: shapes (8192x8192, M = 2048: 471 vs 894 us).
-DENSE_FROM_TOKENS: int | None = 1024
+#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, rows "marlin",
+#: "marlin_dense" and "marlin_kernel"; commit e5c6640, with the shared-memory
+#: staged dequantization): at M = 256 the dense path is as fast as the kernel
+#: or faster on all six benchmark shapes (4096x4096: 33.5 vs 38.5 us;
+#: 8192x28672: 396 vs 398 us), at M = 512 it takes 0.53-0.66x of the kernel's
+#: time, and at M = 128 the kernel wins on all six (8192x8192: 69.9 vs 118 us).
+#: M between 128 and 256 was not measured. (Before the staged dequantization,
+#: commit 9c1215f, the crossover was between 512 and 1024.)
+DENSE_FROM_TOKENS: int | None = 256
 
 # SM count used when the device cannot be queried at trace time (e.g. tracing
 # on a CPU host for a GPU): any value is correct, the device's own is fastest.
