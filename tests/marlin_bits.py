@@ -171,9 +171,9 @@ def _c_coord(lane, i):
 
 
 LANES = np.arange(32)
-_A_IDX = np.array([[_a_coord(l, r, h) for r in range(4) for h in range(2)] for l in range(32)])
-_B_IDX = np.array([[_b_coord(l, r, h) for r in range(2) for h in range(2)] for l in range(32)])
-_C_IDX = np.array([[_c_coord(l, i) for i in range(4)] for l in range(32)])
+_A_IDX = np.array([[_a_coord(lane, r, h) for r in range(4) for h in range(2)] for lane in range(32)])
+_B_IDX = np.array([[_b_coord(lane, r, h) for r in range(2) for h in range(2)] for lane in range(32)])
+_C_IDX = np.array([[_c_coord(lane, i) for i in range(4)] for lane in range(32)])
 
 
 def mma(acc, a_regs, b0, b1, name):
