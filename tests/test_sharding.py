@@ -166,6 +166,15 @@ def meshes():
     return {name: Mesh(devices.reshape(shape), ("dp", "tp")) for name, shape in shapes.items()}
 
 
+def explicit_mesh():
+    """The "2x4" mesh's devices as a mesh of ``AxisType.Explicit`` axes (jax.make_mesh's default)."""
+    import jax
+    from jax.sharding import AxisType
+
+    return jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
+                         devices=meshes()["2x4"].devices.flat)
+
+
 def put(mesh, array, *spec):
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
@@ -611,14 +620,12 @@ def marlin_n_not_whole_units_resharded():
 
 @case
 def marlin_explicit_axes_row_parallel():
-    import jax
-    from jax.sharding import AxisType, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     import jax_mxfp4
     from jax_mxfp4 import sharding
 
-    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
-                         devices=meshes()["2x4"].devices.flat)
+    mesh = explicit_mesh()
     x = activations((16, K))
     wp, ws = weights(N, K)
     placed = sharding.shard_prepared_weights(marlin_prepared(wp, ws), mesh, k_axis="tp")
@@ -792,12 +799,11 @@ def gspmd_partitioner():
 def explicit_axes_types_follow_the_plan():
     """With ``AxisType.Explicit`` meshes (jax.make_mesh's default) result types carry the sharding."""
     import jax
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding, PartitionSpec as P
 
     import jax_mxfp4
 
-    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
-                         devices=meshes()["2x4"].devices.flat)
+    mesh = explicit_mesh()
     x = activations((16, K))
     wp, ws = weights(N, K)
     args = (put(mesh, x, "dp", "tp"), put(mesh, wp, None, "tp"), put(mesh, ws, None, "tp"))
@@ -815,13 +821,11 @@ def explicit_axes_types_follow_the_plan():
 def _explicit_axes_row_parallel(kernel, activation_format=None):
     """x split (dp, tp), weights split along K over tp, explicit-axes mesh: one all-reduce,
     no gather, result typed P("dp", None)."""
-    import jax
-    from jax.sharding import AxisType, PartitionSpec as P
+    from jax.sharding import PartitionSpec as P
 
     import jax_mxfp4
 
-    mesh = jax.make_mesh(mesh_shapes()["2x4"], ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2,
-                         devices=meshes()["2x4"].devices.flat)
+    mesh = explicit_mesh()
     x = activations((16, K))
     wp, ws = weights(N, K)
     f = lambda a, p, s: jax_mxfp4.mxfp4_matmul(  # noqa: E731
