@@ -12,12 +12,14 @@ HLO. Run one case by hand with ``python tests/test_sharding.py --only CASE``.
 On a machine with 2 or more GPUs the same cases run once more on the GPUs
 (``test_sharded_on_gpus``, marked ``gpu``; by hand: ``python
 tests/test_sharding.py --platform gpu``): the meshes become ``1 x n``
-(``dp`` of size 1 when n < 4), the GEMMs partitioned by the primitives' rules
-use the ``xla`` kernel (the GPU kernel with partitioning rules) where the CPU
-run uses ``cpu``, and the ``shard_map`` cases run the registry's kernel on
-each GPU (Marlin on Ampere/Hopper). A case whose expectation is about its
-8-way split (``min_devices``) or that tests the CPU handler only
-(``cpu_only``) is skipped there, with the reason.
+(``dp`` of size 1 when n < 4), the canonical-weight GEMM cases use the ``xla``
+kernel where the CPU run uses the ``cpu`` custom call, the ``marlin_*`` cases
+run the Marlin CUDA kernels under ``jax.jit`` (on CPU devices their CPU
+handlers), and the ``shard_map`` cases run the registry's kernel on each GPU
+(Marlin on Ampere/Hopper). A case whose expectation is about its 8-way split
+(``min_devices``) or that needs a CPU handler or Blackwell (``cpu_only``: the
+``cpu`` GEMM's own cases, the ``sm100_*`` cases) is skipped there, with the
+reason.
 
 What is checked, per case:
 * results equal the unsharded ones: bit for bit for quantize (blockwise along
@@ -72,7 +74,8 @@ PLAN_ONLY = "the GEMM primitive's resharding plan (the GPUs' partitioned GEMM is
 
 
 def partitioned_kernel() -> str:
-    """The kernel of the GEMMs that the primitives' partitioning rules split."""
+    """The kernel of the canonical-weight GEMM cases: the ``cpu`` custom call on CPU devices,
+    the ``xla`` kernel (plain jnp that XLA partitions) on GPUs."""
     return "cpu" if PLATFORM == "cpu" else "xla"
 
 
