@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_mxfp4.formats import Rounding, parse_rounding
+from jax_mxfp4.sharding import to_spec
 
 __all__ = [
     "CanonicalLayoutKernel",
@@ -169,8 +170,6 @@ class CanonicalLayoutKernel(Mxfp4LinearKernel):
 
     def prepared_specs(self, config, mesh, n_axes, k_axes):
         # Both arrays have N as rows and K (in whole blocks) as columns.
-        from jax_mxfp4.sharding import to_spec
-
         spec = to_spec((n_axes, k_axes))
         return {"packed": spec, "scales": spec}
 

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 
 from jax_mxfp4 import _native
+from jax_mxfp4.formats import BLOCK_SIZE
+from jax_mxfp4.layout import SWIZZLE_COLS, SWIZZLE_ROWS
 from jax_mxfp4.kernels.base import LinearConfig, Mxfp4LinearKernel, PreparedWeights, register_kernel
-from jax_mxfp4.kernels.sm100_weights import prepare_sm100_weights
+from jax_mxfp4.kernels.sm100_weights import prepare_sm100_weights, prepared_specs
 from jax_mxfp4.primitives import quantize, sm100_gemm
+from jax_mxfp4.sharding import check_whole_units
 
 __all__ = ["CutlassSm100Kernel"]
 
@@ -53,17 +56,10 @@ class CutlassSm100Kernel(Mxfp4LinearKernel):
         return PreparedWeights(prepare_sm100_weights(w_packed, w_scales), self.name, config)
 
     def prepared_specs(self, config, mesh, n_axes, k_axes):
-        # Rows of both arrays are N (the swizzled scales in 128-row tiles); packed
-        # splits along K too, the swizzled scales stay whole along K (each device
-        # takes its K tiles; primitives/sm100_gemm.py, "Sharding").
-        from jax_mxfp4.formats import BLOCK_SIZE
-        from jax_mxfp4.layout import SWIZZLE_COLS, SWIZZLE_ROWS
-        from jax_mxfp4.sharding import check_whole_units, to_spec
-
         check_whole_units(mesh, n_axes, config.out_features, SWIZZLE_ROWS, "N", "rows of swizzled scale tiles")
         check_whole_units(mesh, k_axes, config.in_features, SWIZZLE_COLS * BLOCK_SIZE, "K",
                           "columns of swizzled scale tiles")
-        return {"packed": to_spec((n_axes, k_axes)), "scales": to_spec((n_axes, ()))}
+        return prepared_specs(n_axes, k_axes)
 
     def matmul(self, x, weights: PreparedWeights):
         return w4a4_linear(x, weights.arrays["packed"], weights.arrays["scales"],

@@ -27,6 +27,7 @@ from jax_mxfp4.kernels.base import (
 )
 from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marlin_weights, prepared_specs
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
+from jax_mxfp4.sharding import check_whole_units
 
 __all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
 
@@ -85,8 +86,6 @@ class MarlinKernel(Mxfp4LinearKernel):
         return PreparedWeights({"tiles": tiles, "scales": scales}, self.name, config)
 
     def prepared_specs(self, config, mesh, n_axes, k_axes):
-        from jax_mxfp4.sharding import check_whole_units
-
         check_whole_units(mesh, n_axes, config.out_features, UNIT_N, "N", "feature units of the Marlin layout")
         return prepared_specs(n_axes, k_axes)
 

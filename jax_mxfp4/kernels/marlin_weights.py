@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_mxfp4 import formats
+from jax_mxfp4.sharding import to_spec
 from jax_mxfp4.layout import ScaleLayout, scale_shape
 
 __all__ = [
@@ -143,8 +144,6 @@ def marlin_layout(n: int, k: int, dtype) -> MarlinLayout:
 def prepared_specs(n_axes: tuple[str, ...], k_axes: tuple[str, ...]) -> dict:
     """``PartitionSpec`` of ``tiles`` and ``scales`` for a weight split along N over mesh
     axes ``n_axes`` and along K over ``k_axes`` (see the module docstring)."""
-    from jax_mxfp4.sharding import to_spec
-
     return {"tiles": to_spec((k_axes, n_axes)), "scales": to_spec(((), n_axes))}
 
 

@@ -29,8 +29,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jax_mxfp4.layout import ScaleLayout, scale_shape, swizzle_scales
+from jax_mxfp4.sharding import to_spec
 
-__all__ = ["prepare_sm100_weights"]
+__all__ = ["prepare_sm100_weights", "prepared_specs"]
 
 
 def prepare_sm100_weights(w_packed, w_scales) -> dict[str, jnp.ndarray]:
@@ -67,3 +68,11 @@ def prepare_sm100_weights(w_packed, w_scales) -> dict[str, jnp.ndarray]:
     if tuple(scales.shape) != expected:  # the single shape function and the swizzle must agree
         raise AssertionError(f"swizzle_scales gave {tuple(scales.shape)}, scale_shape says {expected}.")
     return {"packed": w_packed, "scales": scales}
+
+
+def prepared_specs(n_axes: tuple[str, ...], k_axes: tuple[str, ...]) -> dict:
+    """``PartitionSpec`` of ``packed`` and ``scales`` for a weight split along N over mesh
+    axes ``n_axes`` and along K over ``k_axes``: both by rows along N (the swizzled scales
+    in whole 128-row tiles), ``packed`` along K too; the swizzled scales stay whole along
+    K (each device takes its K tiles, ``primitives.sm100_gemm.k_shard_swizzled``)."""
+    return {"packed": to_spec((n_axes, k_axes)), "scales": to_spec((n_axes, ()))}

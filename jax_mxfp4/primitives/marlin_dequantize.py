@@ -24,7 +24,7 @@ from jax.interpreters import batching
 
 from jax_mxfp4 import sharding, validation
 from jax_mxfp4.formats import BLOCK_SIZE, input_dtype_code
-from jax_mxfp4.kernels.marlin_weights import UNIT_N, MarlinLayout, k_shard_scales
+from jax_mxfp4.kernels.marlin_weights import UNIT_N, MarlinLayout, k_shard_scales, prepared_specs
 from jax_mxfp4.primitives.base import FfiPrimitive, Partition, register_primitive
 from jax_mxfp4.primitives.marlin_gemm import prepared_rule, scales_notes
 
@@ -74,12 +74,10 @@ class MarlinDequantizePrimitive(FfiPrimitive):
     def partition(cls, mesh, args, *, n, k, dtype):
         tiles, scales = args
         t_k, t_n = sharding.spec_axes(tiles.sharding, 2)
-        n_axes = sharding.dividing_prefix(mesh, t_n, n, UNIT_N)
-        k_axes = sharding.dividing_prefix(mesh, t_k, k, BLOCK_SIZE, exclude=n_axes)
-        notes = list(scales_notes(scales))
-        if (n_axes, k_axes) != (t_n, t_k):
-            notes.append(f"N={n} must split into whole {UNIT_N}-feature units and K={k} into whole "
-                         f"{BLOCK_SIZE}-element blocks; split over N {n_axes or 'none'}, K {k_axes or 'none'}.")
+        # The weight operand's plan of a GEMM (no activations: x is one row of K).
+        plan = sharding.plan_linear(mesh, (k,), None, n, k, t_n, t_k, n_multiple=UNIT_N)
+        n_axes, k_axes = plan.n, plan.k
+        notes = plan.notes + scales_notes(scales)
         n_local = n // sharding.axes_size(mesh, n_axes)
         k_local = k // sharding.axes_size(mesh, k_axes)
 
@@ -88,8 +86,8 @@ class MarlinDequantizePrimitive(FfiPrimitive):
                 scales = k_shard_scales(scales, k_local // BLOCK_SIZE, lax.axis_index(k_axes))
             return cls.inner_primitive.bind(tiles, scales, n=n_local, k=k_local, dtype=dtype)
 
-        in_specs = (sharding.to_spec((k_axes, n_axes)), sharding.to_spec(((), n_axes)))
-        return Partition(in_specs, (sharding.to_spec((n_axes, k_axes)),), local, tuple(notes))
+        specs = prepared_specs(n_axes, k_axes)
+        return Partition((specs["tiles"], specs["scales"]), (sharding.to_spec((n_axes, k_axes)),), local, notes)
 
 
 def marlin_dequantize(tiles, scales, layout: MarlinLayout):

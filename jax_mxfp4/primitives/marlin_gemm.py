@@ -41,7 +41,7 @@ from jax.interpreters import batching
 
 from jax_mxfp4 import _native, sharding, validation
 from jax_mxfp4.formats import BLOCK_SIZE, input_dtype_code
-from jax_mxfp4.kernels.marlin_weights import UNIT_BYTES, UNIT_N, k_shard_scales, marlin_layout
+from jax_mxfp4.kernels.marlin_weights import UNIT_BYTES, UNIT_N, k_shard_scales, marlin_layout, prepared_specs
 from jax_mxfp4.primitives.base import FfiPrimitive, Partition, register_primitive
 
 __all__ = ["MarlinGemmPrimitive", "marlin_gemm", "prepared_rule", "workspace_bytes"]
@@ -152,8 +152,8 @@ class MarlinGemmPrimitive(FfiPrimitive):
             y, _ = cls.inner_primitive.bind(x, tiles, scales, n=n_local, k=k_local, sm_count=sm_count, dtype=dtype)
             return lax.psum(y, plan.k) if plan.k else y
 
-        in_specs = (plan.x_spec, sharding.to_spec((plan.k, plan.n)), sharding.to_spec(((), plan.n)))
-        return Partition(in_specs, (plan.y_spec,), local, plan.notes + scales_notes(scales))
+        specs = prepared_specs(plan.n, plan.k)
+        return Partition((plan.x_spec, specs["tiles"], specs["scales"]), (plan.y_spec,), local, plan.notes + scales_notes(scales))
 
 
 def marlin_gemm(x, tiles, scales, *, n: int, k: int, sm_count: int):

@@ -23,10 +23,12 @@ local, with no communication:
   over the token axes (whole row tiles) and then the K axes (bands). Splits
   that break these rules are dropped (x is gathered along them) with a
   ``ShardingWarning`` saying why.
-  A row-parallel consumer (e.g. a K-split SM100 GEMM) wants each device's
-  *local* buffer, not a slice of the global one: quantize inside that GEMM's
-  per-shard body (or in ``shard_map``), where the local buffer is exactly
-  what the kernel reads.
+  A row-parallel consumer wants each device's *local* buffer: with at most
+  128 rows the K bands above are exactly that (the K-split SM100 GEMM reads
+  them as they are); with more rows the buffer is whole along K and the
+  consumer takes its K tiles (``sm100_gemm.k_shard_swizzled``), while x is
+  gathered along K here (quantizing inside the consumer's per-shard body, or
+  under ``shard_map``, avoids that).
 """
 
 from __future__ import annotations

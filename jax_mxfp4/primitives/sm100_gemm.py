@@ -38,6 +38,7 @@ from jax import core, lax
 
 from jax_mxfp4 import _native, layout, sharding, validation
 from jax_mxfp4.formats import BLOCK_SIZE
+from jax_mxfp4.kernels.sm100_weights import prepared_specs
 from jax_mxfp4.layout import SWIZZLE_COLS, SWIZZLE_ROWS, ScaleLayout
 from jax_mxfp4.primitives.base import FfiPrimitive, Partition, register_primitive
 from jax_mxfp4.primitives.quantize import swizzled_token_split
@@ -135,8 +136,8 @@ class Sm100W4A4GemmPrimitive(FfiPrimitive):
                          f"{tile_k}-element scale tiles, not together with a token split; K is split over "
                          f"{k_axes or 'none'}.")
         a_scales_rows = (*m_axes, *k_axes) if one_row_tile else m_axes
-        in_specs = (sharding.to_spec((*lead, k_axes)), sharding.to_spec((a_scales_rows, ())),
-                    sharding.to_spec((n_axes, k_axes)), sharding.to_spec((n_axes, ())))
+        w = prepared_specs(n_axes, k_axes)
+        in_specs = (sharding.to_spec((*lead, k_axes)), sharding.to_spec((a_scales_rows, ())), w["packed"], w["scales"])
         local = None
         if k_axes:
             shards = sharding.axes_size(mesh, k_axes)
