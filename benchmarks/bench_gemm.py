@@ -292,6 +292,11 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
             two_ctas = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, ctas_per_sm=2))
             impls.append(("marlin_2cta", "variant", [(pw,) for pw in prepared], two_ctas,
                           lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
+            # ... and, on Hopper above M = 16, the mma.sync tile configurations that the
+            # wgmma ones replaced (measured side by side: the choice of instruction path).
+            mma_sync = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, wgmma=False))
+            impls.append(("marlin_mmasync", "variant", [(pw,) for pw in prepared], mma_sync,
+                          lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
         kern = get_kernel(name)
         for m in ms:
             ok, why = kern.can_implement(LinearConfig(k, n, jnp.bfloat16, fmt, tokens=m))
@@ -304,6 +309,8 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
         for impl, role, wsets, fn, ref_fn in impls:
             if impl == "marlin_2cta" and m > 32:
                 continue  # the small and medium tile configs only (M <= 32)
+            if impl == "marlin_mmasync" and (m <= 16 or not marlin_kernel._has_wgmma()):
+                continue  # the same launch as "marlin" there
             if impl in ("marlin_dense", "marlin_kernel") and m < 64:
                 continue  # the dense path is only a candidate at large M
             if impl == "marlin_kernel" and (marlin_kernel.DENSE_FROM_TOKENS is None

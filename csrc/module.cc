@@ -109,15 +109,19 @@ NB_MODULE(_ext, m) {
         "'' when the Marlin W4A16 GEMM can run an [N, K] weight, else the reason");
   m.def(
       "marlin_workspace_bytes",
-      [](int64_t m, int64_t n, int64_t k, int sm_count) { return marlin::MarlinWorkspaceBytes(m, n, k, sm_count); },
-      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("sm_count"),
+      [](int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
+        return marlin::MarlinWorkspaceBytes(m, n, k, sm_count, use_wgmma);
+      },
+      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("sm_count"), nb::arg("use_wgmma"),
       "bytes of the Marlin GEMM's workspace result (-1: unsupported shape)");
   m.def("marlin_device_sm_count", &marlin::MarlinDeviceSmCount, nb::arg("device"),
         "SM count of CUDA device `device` (0 if the query fails)");
   m.def(
       "marlin_describe_plan",
-      [](int64_t m, int64_t n, int64_t k, int sm_count) { return marlin::MarlinDescribePlan(m, n, k, sm_count); },
-      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("sm_count"));
+      [](int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
+        return marlin::MarlinDescribePlan(m, n, k, sm_count, use_wgmma);
+      },
+      nb::arg("m"), nb::arg("n"), nb::arg("k"), nb::arg("sm_count"), nb::arg("use_wgmma"));
 #endif
 
   m.attr("has_sm100_gemm") = static_cast<bool>(JAX_MXFP4_WITH_SM100);

@@ -52,13 +52,14 @@ def tile_configs():
     text = GEMM_CU.read_text()
     body = re.search(r"kTileConfigs\[\] = \{(.*?)\n\};", text, re.S).group(1)
     rows = re.findall(
-        r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+)\}', body
+        r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*MmaPath::k(\w+)\}', body
     )
     keys = ("m_blocks", "n_tile", "k_tile", "warps_n", "warps_k", "stages")
     out = []
     for r in rows:
         cfg = dict(zip(keys, map(int, r[1:7])), name=r[0])
         cfg["max_m"] = 2**31 - 1 if r[7] == "INT_MAX" else int(r[7])
+        cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[8]]
         out.append(cfg)
     assert out, "could not parse kTileConfigs"
     return tuple(out)

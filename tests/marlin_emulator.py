@@ -33,10 +33,11 @@ def ceil_div(a, b):
     return -(-a // b)
 
 
-def make_plan(m, n, k, sm_count, cfg_index=None):
+def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False):
     cfgs = tile_configs()
     if cfg_index is None:
-        cfg_index = next(i for i, c in enumerate(cfgs) if m <= c["max_m"])
+        skip = "mma_sync" if wgmma else "wgmma"
+        cfg_index = next(i for i, c in enumerate(cfgs) if c["path"] != skip and m <= c["max_m"])
     c = cfgs[cfg_index]
     m_chunks = ceil_div(m, 16 * c["m_blocks"])
     n_tiles = ceil_div(n, c["n_tile"])

@@ -3,10 +3,13 @@
 GEMM tests compare against ``reference.matmul_reference`` within
 ``reference.matmul_tolerance`` (float32 accumulation-order bound + one output
 ulp): on the GPU at every benchmark shape and at odd ones (N not a multiple
-of 64/128, M = 1, 7, 33, 129), on CPU (``csrc/marlin/marlin_cpu.cc``) at the
+of 64/128, M = 1, 7, 33, 129; on Hopper the wgmma and mma.sync tile
+configurations side by side), on CPU (``csrc/marlin/marlin_cpu.cc``) at the
 odd shapes, for bfloat16 and float16, with fresh random data. The dense
 dequantization of prepared weights is compared bit for bit on both.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +19,7 @@ import pytest
 import jax_mxfp4
 from jax_mxfp4 import kernels, reference
 from jax_mxfp4.kernels import LinearConfig, marlin_weights
+from jax_mxfp4.kernels import marlin as marlin_module
 from jax_mxfp4.primitives import marlin_dequantize
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -203,6 +207,29 @@ def test_cuda_kernel_large_m(m, rng):
     f = jax.jit(kernel.kernel_matmul)
     assert "jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()
     check_against_reference(f(x, prepared), x, wp, ws)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,n", [(4160, 200), (96, 96), (2912, 5792), (8192, 8192)])
+def test_cuda_wgmma_and_mma_sync_configs(k, n, rng):
+    """Hopper runs M > 16 on the wgmma tile configurations (wgmma64: M <= 64, wgmma128
+    beyond, in 128-row chunks), the mma.sync ones stay selectable: both against the
+    reference at M around each boundary, with residues in N (not a multiple of the
+    256-feature tile) and K (an odd number of 32-blocks: a half k tile), and the split-K
+    wgmma launch bit-identical when repeated."""
+    if not marlin_module._has_wgmma():
+        pytest.skip("the wgmma tile configurations need a compute capability 9.0 GPU (sm_90a)")
+    wp, ws = random_weights(rng, n, k)
+    kernel = kernels.get_kernel("marlin")
+    prepared = kernel.prepare_weights(wp, ws, LinearConfig(k, n))
+    f_wgmma = jax.jit(functools.partial(kernel.kernel_matmul, wgmma=True))
+    f_sync = jax.jit(functools.partial(kernel.kernel_matmul, wgmma=False))
+    for m in (17, 64, 65, 128, 300):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        y = f_wgmma(x, prepared)
+        check_against_reference(y, x, wp, ws)
+        check_against_reference(f_sync(x, prepared), x, wp, ws)
+        np.testing.assert_array_equal(np.asarray(f_wgmma(x, prepared)), np.asarray(y))
 
 
 @pytest.mark.gpu

@@ -152,6 +152,12 @@ def test_plan_configs_cover_m():
     assert make_plan(32, 4096, 4096, 132)["c"]["name"] == "medium"
     assert make_plan(33, 4096, 4096, 132)["c"]["name"] == "large"
     assert make_plan(1024, 4096, 4096, 132)["c"]["name"] == "large"
+    # Hopper (use_wgmma): M <= 16 stays on mma.sync, then the wgmma rows
+    assert make_plan(16, 4096, 4096, 132, wgmma=True)["c"]["name"] == "small"
+    assert make_plan(17, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
+    assert make_plan(64, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
+    assert make_plan(65, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128"
+    assert make_plan(4096, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128"
     p = make_plan(1, 8192, 8192, 132)
     assert p["grid"] <= 132 and p["split"]
 
@@ -164,21 +170,23 @@ _PLAN_PROBE = r"""
 #include <cstdlib>
 #include "marlin/marlin_gemm.h"
 int main(int argc, char** argv) {
-  for (int i = 1; i + 3 < argc; i += 4) {
+  for (int i = 1; i + 4 < argc; i += 5) {
     const long m = atol(argv[i]), n = atol(argv[i + 1]), k = atol(argv[i + 2]);
     const int sms = atoi(argv[i + 3]);
-    std::printf("%s|%lld\n", jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms).c_str(),
-                (long long)jax_mxfp4::marlin::MarlinWorkspaceBytes(m, n, k, sms));
+    const bool wgmma = atoi(argv[i + 4]) != 0;
+    std::printf("%s|%lld\n", jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
+                (long long)jax_mxfp4::marlin::MarlinWorkspaceBytes(m, n, k, sms, wgmma));
   }
   return 0;
 }
 """
 
 PLAN_SHAPES = [
-    (m, n, k, sms)
+    (m, n, k, sms, wgmma)
     for (n, k) in [(4096, 4096), (8192, 8192), (28672, 8192), (200, 4160), (5760, 2880), (96, 96)]
     for m in (1, 16, 32, 64, 129, 1024)
     for sms in (132, 7)
+    for wgmma in (0, 1)
 ]
 
 
@@ -194,9 +202,9 @@ def test_python_plan_equals_cpp_plan(tmp_path):
     )
     args = [str(v) for shape in PLAN_SHAPES for v in shape]
     lines = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()
-    for (m, n, k, sms), line in zip(PLAN_SHAPES, lines, strict=True):
+    for (m, n, k, sms, wgmma), line in zip(PLAN_SHAPES, lines, strict=True):
         desc, ws = line.split("|")
-        p = make_plan(m, n, k, sms)
+        p = make_plan(m, n, k, sms, wgmma=bool(wgmma))
         c = p["c"]
         expect = (
             f"{c['name']} m{16 * c['m_blocks']}xn{c['n_tile']}xk{c['k_tile']} grid={p['grid']} "

@@ -15,8 +15,8 @@
 //     and, for blocks the layout's accuracy contract flushes (more than 2^133
 //     resp. 2^24 below their row's largest scale), by using 2^-127 * E2M1
 //     where the kernel uses 0.
-// The sm_count attribute and the workspace result exist for the CUDA launch
-// plan; here they are accepted and unused.
+// The sm_count and use_wgmma attributes and the workspace result exist for
+// the CUDA launch plan; here they are accepted and unused.
 #include "marlin_cpu.h"
 
 #include <cstring>
@@ -62,9 +62,10 @@ ffi::DataType FfiType(InputDType dt) { return dt == InputDType::kBF16 ? ffi::Dat
 
 ffi::Error MarlinGemmCpuImpl(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> tiles, ffi::Buffer<ffi::U8> scales,
                              ffi::Result<ffi::AnyBuffer> y, ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n,
-                             int64_t k, int32_t dtype, int64_t sm_count) {
+                             int64_t k, int32_t dtype, int64_t sm_count, int32_t use_wgmma) {
   (void)workspace;
   (void)sm_count;
+  (void)use_wgmma;
   InputDType dt;
   if (ffi::Error bad = PreparedDType("marlin_gemm", dtype, &dt); bad.failure()) return bad;
   if (x.element_type() != FfiType(dt))
@@ -121,7 +122,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMxfp4MarlinGemmCpu, marlin::MarlinGemmCpuImpl,
                                   .Attr<int64_t>("n")
                                   .Attr<int64_t>("k")
                                   .Attr<int32_t>("dtype")
-                                  .Attr<int64_t>("sm_count"));
+                                  .Attr<int64_t>("sm_count")
+                                  .Attr<int32_t>("use_wgmma"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxMxfp4MarlinDequantizeCpu, marlin::MarlinDequantizeCpuImpl,
                               ffi::Ffi::Bind()

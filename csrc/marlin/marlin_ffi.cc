@@ -2,12 +2,13 @@
 //
 // Python side (trace time), for x[..., K] and a weight prepared by
 // jax_mxfp4.kernels.marlin_weights.prepare_marlin_weights:
-//   ws = MarlinWorkspaceBytes(M, N, K, sm_count)      # M = prod(x.shape[:-1])
+//   ws = MarlinWorkspaceBytes(M, N, K, sm_count, use_wgmma)   # M = prod(x.shape[:-1])
 //   y, _ = jax.ffi.ffi_call("jax_mxfp4_marlin_gemm",
 //            (ShapeDtypeStruct(x.shape[:-1] + (N,), x.dtype),
 //             ShapeDtypeStruct((max(ws, 0),), uint8)))(
-//            x, tiles, scales, n=N, k=K, dtype=InputDType, sm_count=sm_count)
-// The handler recomputes the launch plan from (M, N, K, sm_count); passing the
+//            x, tiles, scales, n=N, k=K, dtype=InputDType, sm_count=sm_count,
+//            use_wgmma=0|1)
+// The handler recomputes the launch plan from (M, N, K, sm_count, use_wgmma); passing the
 // same sm_count the workspace was sized with keeps the two consistent (any
 // sm_count >= 1 is correct, the device's own is fastest; 0 = use the device's).
 //
@@ -32,7 +33,7 @@ namespace {
 ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi::U8> tiles,
                           ffi::Buffer<ffi::U8> scales, ffi::Result<ffi::AnyBuffer> y,
                           ffi::Result<ffi::Buffer<ffi::U8>> workspace, int64_t n, int64_t k,
-                          int32_t dtype, int64_t sm_count) {
+                          int32_t dtype, int64_t sm_count, int32_t use_wgmma) {
   // ---- dtypes ----
   const ffi::DataType xt = x.element_type();
   if (xt != ffi::DataType::BF16 && xt != ffi::DataType::F16)
@@ -70,13 +71,14 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
     sms = MarlinDeviceSmCount(device);  // cached per device
     if (sms <= 0) return ffi::Error::Internal("marlin_gemm: cannot query the SM count");
   }
-  const int64_t need = MarlinWorkspaceBytes(m, n, k, sms);
+  const int64_t need = MarlinWorkspaceBytes(m, n, k, sms, use_wgmma != 0);
   if (need < 0) return InvalidArgument("marlin_gemm: no launch plan for M = " + std::to_string(m));
   const int64_t have = static_cast<int64_t>(workspace->element_count());
   if (have < need)
     return InvalidArgument("marlin_gemm: workspace has " + std::to_string(have) + " bytes, needs " +
                            std::to_string(need) + " (MarlinWorkspaceBytes(" + std::to_string(m) + ", " +
-                           std::to_string(n) + ", " + std::to_string(k) + ", " + std::to_string(sms) + "))");
+                           std::to_string(n) + ", " + std::to_string(k) + ", " + std::to_string(sms) + ", " +
+                           std::to_string(use_wgmma) + "))");
 
   MarlinGemmArgs args{};
   args.a = x.untyped_data();
@@ -88,6 +90,7 @@ ffi::Error MarlinGemmImpl(cudaStream_t stream, ffi::AnyBuffer x, ffi::Buffer<ffi
   args.m = m, args.n = n, args.k = k;
   args.dtype = x_dtype;
   args.sm_count = sms;
+  args.use_wgmma = use_wgmma != 0;  // MarlinGemm refuses it on a device other than 9.0
   const std::string err = MarlinGemm(args, stream);  // checks cudaGetLastError after the launch
   if (!err.empty()) return ffi::Error::Internal(err);
   return ffi::Error::Success();
@@ -131,7 +134,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMxfp4GemmFfi, jax_mxfp4::marlin::MarlinGemmI
                                   .Attr<int64_t>("n")                   // true N (output features)
                                   .Attr<int64_t>("k")                   // true K (inputs), % 32 == 0
                                   .Attr<int32_t>("dtype")               // InputDType the weights were prepared for
-                                  .Attr<int64_t>("sm_count"),           // as given to MarlinWorkspaceBytes; 0 = device's
+                                  .Attr<int64_t>("sm_count")            // as given to MarlinWorkspaceBytes; 0 = device's
+                                  .Attr<int32_t>("use_wgmma"),          // 1: Hopper wgmma configs for M > 16
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantizeFfi, jax_mxfp4::marlin::MarlinDequantizeImpl,

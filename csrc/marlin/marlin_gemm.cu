@@ -61,6 +61,13 @@ namespace {
 // Tile configurations: every kernel variant is instantiated from this table.
 // ===========================================================================
 
+// Which devices a row serves, and with which tensor-core instruction.
+enum class MmaPath {
+  kAny,       // mma.sync, every device (SM80 and SM90)
+  kMmaSync,   // mma.sync, only where wgmma is not used (SM80, or use_wgmma off)
+  kWgmma,     // wgmma.mma_async (sm_90a), only with use_wgmma on an SM90 device
+};
+
 struct TileConfig {
   const char* name;
   int m_blocks;  // m16 blocks per column: tile_m = 16 * m_blocks rows of A/C
@@ -69,7 +76,8 @@ struct TileConfig {
   int warps_n;   // warps side by side along N
   int warps_k;   // warps splitting each stage's k (reduced in shared memory)
   int stages;    // cp.async buffers; stages - 1 tiles are in flight
-  int max_m;     // host heuristic: first config with M <= max_m is used
+  int max_m;     // host heuristic: first config of the path with M <= max_m is used
+  MmaPath path;
 };
 
 // Why these numbers (NOTES.md has the arithmetic):
@@ -84,11 +92,22 @@ struct TileConfig {
 //    give 32 MMAs per k16 for 4 ldmatrix.x4 + 8 dequantized fragments, so the
 //    tensor pipe is the limit; 5 stages keep 32 KB of weights in flight for
 //    M = 33..64, where bandwidth and compute are about equal.
+//  * wgmma64 / wgmma128 (Hopper): the weights are wgmma's A operand, taken
+//    from registers right after dequantization (the mma.sync B fragments of
+//    two n8 tiles are exactly an m16 slice of A: no layout change), the
+//    activations its B operand, read by the tensor cores from the 128-byte
+//    swizzled shared tile (k_tile 64 = one swizzle row). Warp w owns unit w
+//    of the 256-feature tile; a warpgroup = 4 units = two m64 halves. One
+//    wgmma m64 x tokens x k16 per half and k16 step: 2 x 128 tensor cycles
+//    per warp's 512 dequantized weights at 128 tokens, so dequantization
+//    (~13 instructions per word) hides under the asynchronous MMA.
 constexpr TileConfig kTileConfigs[] = {
-    // name      m_blk n_tile k_tile w_n w_k stages max_m
-    {"small", 1, 128, 256, 4, 2, 4, 16},
-    {"medium", 2, 128, 256, 4, 2, 4, 32},
-    {"large", 4, 256, 64, 4, 2, 5, INT_MAX},
+    // name      m_blk n_tile k_tile w_n w_k stages max_m    path
+    {"small", 1, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
+    {"medium", 2, 128, 256, 4, 2, 4, 32, MmaPath::kMmaSync},
+    {"large", 4, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
+    {"wgmma64", 4, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},
+    {"wgmma128", 8, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
 constexpr int kThreads = 256;
@@ -104,6 +123,7 @@ struct Geometry {
   static constexpr int kWarpsN = kTileConfigs[kCfg].warps_n;
   static constexpr int kWarpsK = kTileConfigs[kCfg].warps_k;
   static constexpr int kStages = kTileConfigs[kCfg].stages;
+  static constexpr bool kWgmma = kTileConfigs[kCfg].path == MmaPath::kWgmma;
   static constexpr int kTileM = 16 * kMBlocks;          // rows of A / C per column
   static constexpr int kKbTile = kKTile / kBlockK;      // scale blocks per stage
   static constexpr int kUnitsTile = kNTile / kUnitN;    // units across the CTA tile
@@ -116,10 +136,18 @@ struct Geometry {
   static constexpr int kAChunks = kTileM * kARowChunks; // A: tile_m x k_tile, 16-bit
   static constexpr int kBChunks = kKbTile * kUnitsTile * 32;  // units x 32 lanes
   static constexpr int kSChunks = kKbTile * kNTile / 16;      // multiplier bytes
-  static constexpr int kStageChunks = kAChunks + kBChunks + kSChunks;
+  // wgmma reads A (the activations) through a 128-byte-swizzle descriptor:
+  // every stage's A tile starts 1024-byte aligned (64 chunks).
+  static constexpr int kStageAlign = kWgmma ? 64 : 1;
+  static constexpr int kStageChunks =
+      (kAChunks + kBChunks + kSChunks + kStageAlign - 1) / kStageAlign * kStageAlign;
   static constexpr int kRedChunks = (kWarpsK - 1) * kTileM * kNTile / 4;  // warps_k partials
   static constexpr int kPartialChunks = kTileM * kNTile / 4;  // one split-K partial tile
-  static constexpr int kSmemBytes = 16 * (kStages * kStageChunks + kRedChunks) + 16;  // + flag
+  // Stages - 1 tiles are in flight, less one more for wgmma, whose last group
+  // of a stage may still read it while the next stage starts.
+  static constexpr int kLag = kWgmma ? 1 : 0;
+  static constexpr int kSmemBytes =
+      16 * (kStages * kStageChunks + kRedChunks) + 16 + (kWgmma ? 1024 : 0);  // + flag (+ alignment)
 
   static constexpr bool kValid =
       kWarpsN * kWarpsK * 32 == kThreads && kNTile % (kUnitN * kWarpsN) == 0 &&
@@ -129,8 +157,12 @@ struct Geometry {
       (kThreads / kARowChunks) % 8 == 0 &&     // ... and fixed row % 8 across chunks
       kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
       (kThreads / 32) % kUnitsTile == 0 &&     // fixed warp -> B unit
-      kBChunks % kThreads == 0 && kSChunks <= kThreads && kStages >= 2 &&
-      kSmemBytes <= 160 * 1024;  // fits SM80 (163 KB opt-in) and SM90 (227 KB)
+      kBChunks % kThreads == 0 && kSChunks <= kThreads && kStages >= 2 + kLag &&
+      kSmemBytes <= 160 * 1024 &&  // fits SM80 (163 KB opt-in) and SM90 (227 KB)
+      // wgmma: one warp per unit, warpgroup = two m64 halves, A row = one
+      // 128-byte swizzle row, m64 x kTileM x k16 with kTileM in {64, 128}.
+      (!kWgmma || (kWarpsN == kThreads / 32 && kUnitsTile == kWarpsN && kWarpsK == 1 &&
+                   kKTile == 64 && (kTileM == 64 || kTileM == 128)));
 };
 
 template <size_t... kIs>
@@ -244,7 +276,10 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   using G = Geometry<kCfg>;
   constexpr InputDType kD = DTypeOf<T>::kValue;
 
-  extern __shared__ uint4 smem[];
+  extern __shared__ uint4 smem_raw[];
+  // wgmma stages start 1024-byte aligned (kSmemBytes has the slack for it).
+  uint4* const smem =
+      G::kWgmma ? smem_raw + ((1024 - (ptx::SmemAddr(smem_raw) & 1023)) & 1023) / 16 : smem_raw;
   uint4* const pipe = smem;                                           // stages x stage
   float4* const red = reinterpret_cast<float4*>(smem + G::kStages * G::kStageChunks);
   int* const flag = reinterpret_cast<int*>(smem + G::kStages * G::kStageChunks + G::kRedChunks);
@@ -390,6 +425,46 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
     }
   };
 
+  // wgmma: warp w dequantizes unit w (its lane's 16 bytes: 4 n8 tiles x 32 k)
+  // into the A fragments of both m64 halves of its warpgroup. Half h takes
+  // n8 tiles 2h (rows g of the warp's m16 slice) and 2h + 1 (rows g + 8):
+  // the tiles' B registers {k 2t.., k 2t+8..} are the A registers
+  // {a0 | a2} and {a1 | a3}. One wgmma group per scale block; the next
+  // block's dequantization runs while it executes (at most one group in
+  // flight when fragments are rewritten).
+  auto compute_stage_wgmma = [&](int slot) {
+    if constexpr (G::kWgmma) {  // (instantiated for the mma.sync rows too, never called there)
+    const uint4* const sa = pipe + slot * G::kStageChunks;
+    const uint4* const sb = sa + G::kAChunks;
+    const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
+#pragma unroll
+    for (int kbl = 0; kbl < G::kKbTile; ++kbl) {
+      const uint4 w = sb[(kbl * G::kUnitsTile + warp) * 32 + lane];        // LDS.128
+      const uint32_t sw = ss[(kbl * G::kNTile + warp * kUnitN) / 4 + g];  // 4 multiplier bytes
+      uint32_t mult[4];
+      BlockMultipliers<kD>(sw, mult);
+      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+      uint32_t bt[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
+      ptx::WgmmaWait<1>();
+      ptx::WgmmaFence();
+#pragma unroll
+      for (int s = 0; s < 2; ++s)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t fa[4] = {bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
+                                  bt[2 * h + 1][2 * s + 1]};
+          // k16 step 2 kbl + s = 32 bytes into each 128-byte swizzled row.
+          ptx::WgmmaM64K16RS<T, G::kTileM>(
+              reinterpret_cast<float(&)[G::kTileM / 2]>(acc[h * (G::kTileM / 8)]), fa,
+              ptx::SmemDescSwizzle128(sa + 4 * kbl + 2 * s));
+        }
+      ptx::WgmmaCommit();
+    }
+    }
+  };
+
   // ---- end of a column: reduce warps_k, then CTAs, then store ----
   auto slot_of = [&](int cta, int col) {  // partial-tile slot of (CTA, column)
     const int cta_first_col = static_cast<int>(static_cast<int64_t>(cta) * p.iters / p.k_tiles);
@@ -397,6 +472,13 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   };
 
   auto finish_column = [&](int col) {
+    if constexpr (G::kWgmma) {  // the accumulators are final once no wgmma is in flight
+      ptx::WgmmaWait<0>();
+#pragma unroll
+      for (int i = 0; i < G::kFrags; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ptx::RegisterFence(acc[i][e]);
+    }
     // 1. warps_k partial sums -> warps with warp_k == 0 (fragment layout,
     //    lane-contiguous float4s: conflict-free).
     if constexpr (G::kWarpsK > 1) {
@@ -448,7 +530,33 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       }
     }
     // 3. C = F[n] * acc, rounded to T; rows >= m and columns >= n skipped.
-    if (store && warp_k == 0) {
+    if constexpr (G::kWgmma) {
+      // Half h, register pair r: feature unit * 32 + 8 (2h + r) + g; frag i:
+      // tokens 8i + 2t, 8i + 2t + 1 (WgmmaM64K16RS's D layout).
+      if (store) {
+        const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
+        const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
+        T* const c = static_cast<T*>(p.c);
+        const int unit = n_idx * G::kUnitsTile + warp;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int nf = unit * kUnitN + 8 * (2 * h + r) + g;
+            if (nf >= p.n) continue;
+            const float f = RowFactor(planes, p.n_pad, nf);
+#pragma unroll
+            for (int i = 0; i < G::kTileM / 8; ++i)
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const int row = m_chunk * G::kTileM + 8 * i + 2 * t + e;
+                if (row < p.m)
+                  c[static_cast<int64_t>(row) * p.n + nf] =
+                      ptx::FloatTo<T>(__fmul_rn(acc[h * (G::kTileM / 8) + i][2 * r + e], f));
+              }
+          }
+      }
+    } else if (store && warp_k == 0) {
       const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
       const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
       T* const c = static_cast<T*>(p.c);
@@ -485,23 +593,39 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   // ---- main loop: one tile per iteration, stages - 1 tiles in flight ----
   zero_acc();
 #pragma unroll
-  for (int s = 0; s < G::kStages - 1; ++s) fetch_tile(s);
-  int slot = 0, fetch_slot = G::kStages - 1;
-  int col = t_begin / p.k_tiles, kt = t_begin - col * p.k_tiles;
-  for (int tt = t_begin; tt < t_end; ++tt) {
-    // Tile tt has landed once at most stages - 2 newer groups are pending; the
-    // barrier also guarantees every warp is done with slot `fetch_slot`
-    // (it held tile tt - 1), which is refilled next.
-    ptx::CpAsyncWait<G::kStages - 2>();
+  for (int s = 0; s < G::kStages - 1 - G::kLag; ++s) fetch_tile(s);
+  int slot = 0, fetch_slot = G::kStages - 1 - G::kLag;
+  // Tile tt has landed once at most stages - 2 - lag newer groups are
+  // pending; the barrier also guarantees every warp is done with slot
+  // `fetch_slot` (it held tile tt - 1 - lag: for wgmma, tile tt - 2, whose last
+  // group every warp waited for during tile tt - 1), which is refilled next.
+  auto run_tile = [&]() {
+    ptx::CpAsyncWait<G::kStages - 2 - G::kLag>();
+    if constexpr (G::kWgmma) ptx::FenceProxyAsyncShared();  // cp.async data -> wgmma's reads
     __syncthreads();
     fetch_tile(fetch_slot);
-    compute_stage(slot);
+    if constexpr (G::kWgmma) compute_stage_wgmma(slot);
+    else compute_stage(slot);
     slot = slot + 1 == G::kStages ? 0 : slot + 1;
     fetch_slot = fetch_slot + 1 == G::kStages ? 0 : fetch_slot + 1;
-    if (++kt == p.k_tiles || tt + 1 == t_end) {
+  };
+  int col = t_begin / p.k_tiles, kt = t_begin - col * p.k_tiles;
+  if constexpr (G::kWgmma) {
+    // One outer pass per column, so that the column epilogue follows a loop
+    // instead of sitting under a branch: ptxas serializes every wgmma when
+    // accumulators are touched on a path it cannot prove convergent.
+    for (int left = t_end - t_begin; left > 0; ++col, kt = 0) {
+      for (int n_col = min(left, p.k_tiles - kt); n_col > 0; --n_col, --left) run_tile();
       finish_column(col);
-      kt = 0;
-      ++col;
+    }
+  } else {  // (the same walk; this form keeps the mma.sync rows free of spills)
+    for (int tt = t_begin; tt < t_end; ++tt) {
+      run_tile();
+      if (++kt == p.k_tiles || tt + 1 == t_end) {
+        finish_column(col);
+        kt = 0;
+        ++col;
+      }
     }
   }
   ptx::CpAsyncWait<0>();  // leave no copy in flight (only empty groups remain)
@@ -520,19 +644,25 @@ struct Plan {
   int64_t counter_bytes = 0, partial_bytes = 0;
 };
 
-int SelectConfig(int64_t m) {
-  for (int i = 0; i < kNumTileConfigs; ++i)
+// Rows of the other path are skipped; the last row of each path has
+// max_m = INT_MAX, so every M >= 1 finds one.
+int SelectConfig(int64_t m, bool wgmma) {
+  for (int i = 0; i < kNumTileConfigs; ++i) {
+    const MmaPath path = kTileConfigs[i].path;
+    if (path == (wgmma ? MmaPath::kMmaSync : MmaPath::kWgmma)) continue;
     if (m <= kTileConfigs[i].max_m) return i;
-  return kNumTileConfigs - 1;
+  }
+  return -1;
 }
 
-// The one function that turns (m, n, k, sm_count) into a launch; used by
-// MarlinWorkspaceBytes at trace time and by MarlinGemm at run time.
-bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, Plan* plan) {
+// The one function that turns (m, n, k, sm_count, wgmma) into a launch; used
+// by MarlinWorkspaceBytes at trace time and by MarlinGemm at run time.
+bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan) {
   if (m < 1 || !MarlinCanImplement(n, k).empty() || sm_count < 1) return false;
-  const TileConfig& c = kTileConfigs[SelectConfig(m)];
   Plan p;
-  p.cfg = SelectConfig(m);
+  p.cfg = SelectConfig(m, wgmma);
+  if (p.cfg < 0) return false;
+  const TileConfig& c = kTileConfigs[p.cfg];
   const int64_t m_chunks = CeilDiv(m, 16 * c.m_blocks);
   const int64_t n_tiles = CeilDiv(n, c.n_tile);
   const int64_t k_tiles = CeilDiv(k / kBlockK, c.k_tile / kBlockK);
@@ -613,10 +743,10 @@ std::string MarlinCanImplement(int64_t n, int64_t k) {
   return "";
 }
 
-int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count) {
+int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
   if (m == 0 && MarlinCanImplement(n, k).empty()) return 0;
   Plan plan;
-  if (!MakePlan(m, n, k, sm_count, &plan)) return -1;
+  if (!MakePlan(m, n, k, sm_count, use_wgmma, &plan)) return -1;
   return plan.counter_bytes + plan.partial_bytes;
 }
 
@@ -630,9 +760,9 @@ int MarlinDeviceSmCount(int device) {
   return v;
 }
 
-std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count) {
+std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
   Plan p;
-  if (!MakePlan(m, n, k, sm_count, &p)) return "unsupported";
+  if (!MakePlan(m, n, k, sm_count, use_wgmma, &p)) return "unsupported";
   const TileConfig& c = kTileConfigs[p.cfg];
   char buf[256];
   std::snprintf(buf, sizeof(buf),
@@ -650,8 +780,17 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
     return "jax_mxfp4 marlin: dtype must be bf16 or f16";
   if (args.m < 0) return "jax_mxfp4 marlin: negative M";
   if (args.m == 0) return "";
+  if (args.use_wgmma) {  // the sm_80 cubin has no wgmma: never launch it elsewhere
+    int device = 0, major = 0, minor = 0;
+    JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    if (major != 9 || minor != 0)
+      return "jax_mxfp4 marlin: use_wgmma needs a compute capability 9.0 device (sm_90a code), this is " +
+             std::to_string(major) + "." + std::to_string(minor);
+  }
   Plan plan;
-  if (!MakePlan(args.m, args.n, args.k, args.sm_count, &plan))
+  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan))
     return "jax_mxfp4 marlin: cannot plan M=" + std::to_string(args.m);
   const int64_t need = plan.counter_bytes + plan.partial_bytes;
   if (args.workspace_bytes < need || (need > 0 && args.workspace == nullptr))

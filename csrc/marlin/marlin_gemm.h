@@ -5,10 +5,11 @@
 // Host API (plain C++, no XLA dependency; marlin_gemm.cu) and the XLA FFI
 // handler symbol (marlin_ffi.cc). Typical use from Python at trace time:
 //   MarlinCanImplement(n, k)                 -> "" or why not
-//   MarlinWorkspaceBytes(m, n, k, sm_count)  -> size of the handler's
+//   MarlinWorkspaceBytes(m, n, k, sm_count, use_wgmma)
+//                                            -> size of the handler's
 //                                               workspace result, uint8[W]
 // and at run time the handler `MarlinMxfp4GemmFfi` with the attributes
-// n, k, dtype, sm_count (see marlin_ffi.cc for the exact binding).
+// n, k, dtype, sm_count, use_wgmma (see marlin_ffi.cc for the exact binding).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -28,7 +29,9 @@ std::string MarlinCanImplement(int64_t n, int64_t k);
 // Bytes of scratch the GEMM needs for M = m rows on a device with `sm_count`
 // SMs (the same sm_count must be passed at run time). 0 when the problem
 // needs no cross-CTA reduction. Returns -1 for an unsupported shape.
-int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count);
+// `use_wgmma` selects the Hopper (sm_90a, wgmma) tile configurations for
+// M > 16; it must match MarlinGemmArgs::use_wgmma.
+int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma);
 
 // Number of SMs of CUDA device `device`, queried once per device and cached
 // (thread-safe). Returns 0 if the query fails.
@@ -36,7 +39,7 @@ int MarlinDeviceSmCount(int device);
 
 // Human-readable launch plan ("cfg=small m16xn128xk256 grid=128 iters=16
 // split=yes ..."), for benchmarks and the self-test.
-std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count);
+std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma);
 
 struct MarlinGemmArgs {
   const void* a;          // [m, k] activations, row-major, dtype `dtype`
@@ -48,6 +51,7 @@ struct MarlinGemmArgs {
   int64_t m, n, k;        // true sizes; k % 32 == 0
   InputDType dtype;       // kBF16 or kF16 (the dtype the weights were prepared for)
   int sm_count;           // as passed to MarlinWorkspaceBytes
+  bool use_wgmma;         // as passed to MarlinWorkspaceBytes; only on compute capability 9.0
 };
 
 // Enqueue the GEMM on `stream` (asynchronous; no host synchronization, no

@@ -48,6 +48,13 @@ DENSE_FROM_TOKENS: int | None = 256
 _FALLBACK_SM_COUNT = 132
 
 
+def _has_wgmma() -> bool:
+    """The default device is compute capability 9.0 (H100/H200): the kernel's
+    sm_90a ``wgmma`` configurations can run there (and nowhere else)."""
+    device = default_device()
+    return _native.is_cuda_device(device) and tuple(_native.cuda_compute_capability(device)) == (9, 0)
+
+
 def _sm_count() -> int:
     device = default_device()
     if not _native.is_cuda_device(device):
@@ -59,7 +66,7 @@ def _sm_count() -> int:
 @register_kernel
 class MarlinKernel(Mxfp4LinearKernel):
     name = "marlin"
-    description = "Marlin-style W4A16 GEMM, mma.sync, SM80/SM90 (csrc/marlin)"
+    description = "Marlin-style W4A16 GEMM, mma.sync (SM80/SM90) + wgmma (SM90) (csrc/marlin)"
 
     def is_supported(self, device):
         if not _native.is_cuda_device(device):
@@ -95,15 +102,24 @@ class MarlinKernel(Mxfp4LinearKernel):
             return self.dense_matmul(x, weights)
         return self.kernel_matmul(x, weights)
 
-    def kernel_matmul(self, x, weights: PreparedWeights, *, ctas_per_sm: int = 1):
+    def kernel_matmul(self, x, weights: PreparedWeights, *, ctas_per_sm: int = 1, wgmma: bool | None = None):
         """The Marlin GEMM kernel at any M (``matmul`` uses it below ``DENSE_FROM_TOKENS``).
 
         ``ctas_per_sm`` > 1 plans the launch for that many CTAs per SM (a grid of
-        ``ctas_per_sm`` x the SM count; benchmarks measure it against the default)."""
+        ``ctas_per_sm`` x the SM count; benchmarks measure it against the default).
+        ``wgmma``: None (default) uses the Hopper ``wgmma`` configurations for
+        M > 16 where the device is compute capability 9.0; False forces the
+        ``mma.sync`` ones (benchmarks compare the two); True on another device is
+        an error."""
         config = weights.config
+        has_wgmma = _has_wgmma()
+        if wgmma and not has_wgmma:
+            raise ValueError(f"wgmma=True needs a compute capability 9.0 GPU; the default device is "
+                             f"{default_device().device_kind}")
         return marlin_gemm.marlin_gemm(x, weights.arrays["tiles"], weights.arrays["scales"],
                                        n=config.out_features, k=config.in_features,
-                                       sm_count=ctas_per_sm * _sm_count())
+                                       sm_count=ctas_per_sm * _sm_count(),
+                                       use_wgmma=has_wgmma if wgmma is None else wgmma)
 
     def dense_matmul(self, x, weights: PreparedWeights):
         """The large-M path: dequantize the prepared weights in one pass

@@ -6,8 +6,11 @@
 ``csrc/marlin/marlin_ffi.cc`` and, on CPU devices, to the CPU handler in
 ``csrc/marlin/marlin_cpu.cc`` (same operands and attributes). The split-K
 scratch is a hidden second result whose size the extension computes at trace
-time for the same SM count the kernel is launched with (the ``sm_count``
-attribute), so XLA owns that memory and the call is graph-safe.
+time for the same SM count and instruction path the kernel is launched with
+(the ``sm_count`` and ``use_wgmma`` attributes), so XLA owns that memory and
+the call is graph-safe. ``use_wgmma`` (only on compute capability 9.0: the
+handler refuses it elsewhere) runs M > 16 on the Hopper ``wgmma`` tile
+configurations instead of the ``mma.sync`` ones.
 
 Sharding (``sharding_rule``, ``partition``; mechanism in ``base``): the
 prepared arrays keep N on axis 1 in whole 32-feature units and K on the
@@ -49,11 +52,11 @@ __all__ = ["MarlinGemmPrimitive", "marlin_gemm", "prepared_rule", "workspace_byt
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def workspace_bytes(m: int, n: int, k: int, sm_count: int) -> int:
+def workspace_bytes(m: int, n: int, k: int, sm_count: int, use_wgmma: bool) -> int:
     """Scratch bytes of the Marlin GEMM; 0 when this build has no CUDA kernels."""
     if not _native.cuda_enabled():
         return 0
-    size = int(_native.ext.marlin_workspace_bytes(m, n, k, sm_count))
+    size = int(_native.ext.marlin_workspace_bytes(m, n, k, sm_count, bool(use_wgmma)))
     if size < 0:
         raise ValueError(f"the Marlin GEMM has no launch plan for M={m}, N={n}, K={k}")
     return size
@@ -95,7 +98,7 @@ class MarlinGemmPrimitive(FfiPrimitive):
     operand_names = ("x", "tiles", "scales")
 
     @classmethod
-    def abstract_eval(cls, x, tiles, scales, *, n: int, k: int, sm_count: int, dtype: int):
+    def abstract_eval(cls, x, tiles, scales, *, n: int, k: int, sm_count: int, use_wgmma: bool, dtype: int):
         validation.check_activations(x, dtypes=_DTYPES)
         layout = marlin_layout(n, k, x.dtype)
         if dtype != input_dtype_code(x.dtype):
@@ -112,12 +115,13 @@ class MarlinGemmPrimitive(FfiPrimitive):
         m = math.prod(int(d) for d in x.shape[:-1])
         return (
             core.ShapedArray((*x.shape[:-1], n), x.dtype),
-            core.ShapedArray((workspace_bytes(m, n, k, sm_count),), jnp.uint8),
+            core.ShapedArray((workspace_bytes(m, n, k, sm_count, use_wgmma),), jnp.uint8),
         )
 
     @classmethod
-    def ffi_attributes(cls, *, n: int, k: int, sm_count: int, dtype: int):
-        return {"n": np.int64(n), "k": np.int64(k), "sm_count": np.int64(sm_count), "dtype": np.int32(dtype)}
+    def ffi_attributes(cls, *, n: int, k: int, sm_count: int, use_wgmma: bool, dtype: int):
+        return {"n": np.int64(n), "k": np.int64(k), "sm_count": np.int64(sm_count),
+                "use_wgmma": np.int32(bool(use_wgmma)), "dtype": np.int32(dtype)}
 
     @classmethod
     def batch(cls, args, dims, **params):
@@ -131,7 +135,7 @@ class MarlinGemmPrimitive(FfiPrimitive):
         return lax.map(lambda a: cls.bind(*a, **params), tuple(args)), 0
 
     @classmethod
-    def sharding_rule(cls, mesh, in_shapes, out_shapes, *, n, k, sm_count, dtype):
+    def sharding_rule(cls, mesh, in_shapes, out_shapes, *, n, k, sm_count, use_wgmma, dtype):
         rb = sharding.RuleBuilder()
         x = rb.dim(("k", k // BLOCK_SIZE), ("b", BLOCK_SIZE))
         tiles, scales, n_dim = prepared_rule(rb, n, k)
@@ -139,7 +143,7 @@ class MarlinGemmPrimitive(FfiPrimitive):
         return rule, {**rb.sizes(), "reduction_factors": rb.used("k", "b")}
 
     @classmethod
-    def partition(cls, mesh, args, *, n, k, sm_count, dtype):
+    def partition(cls, mesh, args, *, n, k, sm_count, use_wgmma, dtype):
         x, tiles, scales = args
         t_k, t_n = sharding.spec_axes(tiles.sharding, 2)
         plan = sharding.plan_linear(mesh, x.shape, x.sharding, n, k, t_n, t_k, n_multiple=UNIT_N)
@@ -149,14 +153,18 @@ class MarlinGemmPrimitive(FfiPrimitive):
         def local(x, tiles, scales):
             if plan.k:
                 scales = k_shard_scales(scales, k_local // BLOCK_SIZE, lax.axis_index(plan.k))
-            y, _ = cls.inner_primitive.bind(x, tiles, scales, n=n_local, k=k_local, sm_count=sm_count, dtype=dtype)
+            y, _ = cls.inner_primitive.bind(x, tiles, scales, n=n_local, k=k_local, sm_count=sm_count,
+                                            use_wgmma=use_wgmma, dtype=dtype)
             return lax.psum(y, plan.k) if plan.k else y
 
         specs = prepared_specs(plan.n, plan.k)
         return Partition((plan.x_spec, specs["tiles"], specs["scales"]), (plan.y_spec,), local, plan.notes + scales_notes(scales))
 
 
-def marlin_gemm(x, tiles, scales, *, n: int, k: int, sm_count: int):
-    """Binds ``mxfp4_marlin_gemm``; returns ``y[..., N]`` in x's dtype."""
-    return MarlinGemmPrimitive.bind(x, tiles, scales, n=n, k=k, sm_count=sm_count,
+def marlin_gemm(x, tiles, scales, *, n: int, k: int, sm_count: int, use_wgmma: bool = False):
+    """Binds ``mxfp4_marlin_gemm``; returns ``y[..., N]`` in x's dtype.
+
+    ``use_wgmma``: run M > 16 on the Hopper (sm_90a) ``wgmma`` configurations;
+    only on a compute capability 9.0 device (the kernel layer decides)."""
+    return MarlinGemmPrimitive.bind(x, tiles, scales, n=n, k=k, sm_count=sm_count, use_wgmma=bool(use_wgmma),
                                     dtype=int(input_dtype_code(x.dtype)))
