@@ -292,7 +292,7 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
             two_ctas = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, ctas_per_sm=2))
             impls.append(("marlin_2cta", "variant", [(pw,) for pw in prepared], two_ctas,
                           lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
-            # ... and, on Hopper above M = 16, the mma.sync tile configurations that the
+            # ... and, on Hopper above M = 32, the mma.sync tile configurations that the
             # wgmma ones replaced (measured side by side: the choice of instruction path).
             mma_sync = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, wgmma=False))
             impls.append(("marlin_mmasync", "variant", [(pw,) for pw in prepared], mma_sync,
@@ -309,12 +309,12 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
         for impl, role, wsets, fn, ref_fn in impls:
             if impl == "marlin_2cta" and m > 32:
                 continue  # the small and medium tile configs only (M <= 32)
-            if impl == "marlin_mmasync" and (m <= 16 or not marlin_kernel._has_wgmma()):
+            if impl == "marlin_mmasync" and (m <= 32 or not marlin_kernel._has_wgmma()):
                 continue  # the same launch as "marlin" there
             if impl in ("marlin_dense", "marlin_kernel") and m < 64:
                 continue  # the dense path is only a candidate at large M
-            if impl == "marlin_kernel" and (marlin_kernel.DENSE_FROM_TOKENS is None
-                                            or m < marlin_kernel.DENSE_FROM_TOKENS):
+            if impl == "marlin_kernel" and (marlin_kernel.dense_from_tokens() is None
+                                            or m < marlin_kernel.dense_from_tokens()):
                 continue  # below the crossover "marlin" is the kernel itself
             if role == "ours":
                 kern = get_kernel(impl.removesuffix("_w4a4"))

@@ -93,10 +93,12 @@ def test_dense_path_matches_reference(platform, dtype, n, k, rng):
 
 
 def test_large_m_runs_the_dense_path(rng):
-    """From DENSE_FROM_TOKENS rows on (a measured crossover) the layer is dequantize + dot."""
+    """From dense_from_tokens() rows on (a measured crossover per instruction path) the
+    layer is dequantize + dot."""
     from jax_mxfp4.kernels import marlin
 
-    assert marlin.DENSE_FROM_TOKENS is not None
+    dense_from = marlin.dense_from_tokens()
+    assert dense_from is not None
     wp, ws = random_weights(rng, 64, 128)
     kernel = kernels.get_kernel("marlin")
     prepared = kernel.prepare_weights(wp, ws, LinearConfig(128, 64))
@@ -105,8 +107,8 @@ def test_large_m_runs_the_dense_path(rng):
         jaxpr = jax.make_jaxpr(kernel.matmul)(jax.ShapeDtypeStruct((m, 128), jnp.bfloat16), prepared)
         return {e.primitive.name for e in jaxpr.jaxpr.eqns}
 
-    assert "mxfp4_marlin_gemm" in primitives(marlin.DENSE_FROM_TOKENS - 1)
-    assert "mxfp4_marlin_gemm" not in primitives(marlin.DENSE_FROM_TOKENS)
+    assert "mxfp4_marlin_gemm" in primitives(dense_from - 1)
+    assert "mxfp4_marlin_gemm" not in primitives(dense_from)
 
 
 def test_abstract_eval_of_the_kernel_call(rng):
@@ -199,7 +201,7 @@ def test_cuda_kernel_matches_reference(dtype, k, n, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [256, 1024])
 def test_cuda_kernel_large_m(m, rng):
-    """The kernel itself at large M (``matmul`` dispatches M >= DENSE_FROM_TOKENS to the dense path)."""
+    """The kernel itself at large M (``matmul`` dispatches M >= dense_from_tokens() to the dense path)."""
     wp, ws = random_weights(rng, 5760, 2880)
     x = jnp.asarray(rng.standard_normal((m, 2880)), jnp.bfloat16)
     kernel = kernels.get_kernel("marlin")
@@ -212,7 +214,7 @@ def test_cuda_kernel_large_m(m, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(4160, 200), (96, 96), (2912, 5792), (8192, 8192)])
 def test_cuda_wgmma_and_mma_sync_configs(k, n, rng):
-    """Hopper runs M > 16 on the wgmma tile configurations (wgmma64: M <= 64, wgmma128
+    """Hopper runs M > 32 on the wgmma tile configurations (wgmma64: M <= 64, wgmma128
     beyond, in 128-row chunks), the mma.sync ones stay selectable: both against the
     reference at M around each boundary, with residues in N (not a multiple of the
     256-feature tile) and K (an odd number of 32-blocks: a half k tile), and the split-K
@@ -224,7 +226,7 @@ def test_cuda_wgmma_and_mma_sync_configs(k, n, rng):
     prepared = kernel.prepare_weights(wp, ws, LinearConfig(k, n))
     f_wgmma = jax.jit(functools.partial(kernel.kernel_matmul, wgmma=True))
     f_sync = jax.jit(functools.partial(kernel.kernel_matmul, wgmma=False))
-    for m in (17, 64, 65, 128, 300):
+    for m in (32, 33, 64, 65, 128, 300):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         y = f_wgmma(x, prepared)
         check_against_reference(y, x, wp, ws)

@@ -152,9 +152,10 @@ def test_plan_configs_cover_m():
     assert make_plan(32, 4096, 4096, 132)["c"]["name"] == "medium"
     assert make_plan(33, 4096, 4096, 132)["c"]["name"] == "large"
     assert make_plan(1024, 4096, 4096, 132)["c"]["name"] == "large"
-    # Hopper (use_wgmma): M <= 16 stays on mma.sync, then the wgmma rows
+    # Hopper (use_wgmma): M <= 32 stays on mma.sync, then the wgmma rows
     assert make_plan(16, 4096, 4096, 132, wgmma=True)["c"]["name"] == "small"
-    assert make_plan(17, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
+    assert make_plan(32, 4096, 4096, 132, wgmma=True)["c"]["name"] == "medium"
+    assert make_plan(33, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
     assert make_plan(64, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
     assert make_plan(65, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128"
     assert make_plan(4096, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128"

@@ -135,7 +135,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinMxfp4GemmFfi, jax_mxfp4::marlin::MarlinGemmI
                                   .Attr<int64_t>("k")                   // true K (inputs), % 32 == 0
                                   .Attr<int32_t>("dtype")               // InputDType the weights were prepared for
                                   .Attr<int64_t>("sm_count")            // as given to MarlinWorkspaceBytes; 0 = device's
-                                  .Attr<int32_t>("use_wgmma"),          // 1: Hopper wgmma configs for M > 16
+                                  .Attr<int32_t>("use_wgmma"),          // 1: Hopper wgmma configs for M > 32
                               {xla::ffi::Traits::kCmdBufferCompatible});
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MarlinDequantizeFfi, jax_mxfp4::marlin::MarlinDequantizeImpl,

@@ -104,9 +104,9 @@ struct TileConfig {
 constexpr TileConfig kTileConfigs[] = {
     // name      m_blk n_tile k_tile w_n w_k stages max_m    path
     {"small", 1, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
-    {"medium", 2, 128, 256, 4, 2, 4, 32, MmaPath::kMmaSync},
+    {"medium", 2, 128, 256, 4, 2, 4, 32, MmaPath::kAny},
     {"large", 4, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
-    {"wgmma64", 4, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},
+    {"wgmma64", 4, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},  // M = 33..64 on SM90
     {"wgmma128", 8, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);

@@ -30,7 +30,7 @@ std::string MarlinCanImplement(int64_t n, int64_t k);
 // SMs (the same sm_count must be passed at run time). 0 when the problem
 // needs no cross-CTA reduction. Returns -1 for an unsupported shape.
 // `use_wgmma` selects the Hopper (sm_90a, wgmma) tile configurations for
-// M > 16; it must match MarlinGemmArgs::use_wgmma.
+// M > 32; it must match MarlinGemmArgs::use_wgmma.
 int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma);
 
 // Number of SMs of CUDA device `device`, queried once per device and cached

@@ -466,7 +466,7 @@ int main(int argc, char** argv) {
   const int dev_sms = marlin::MarlinDeviceSmCount(0);
   const int sms = opt.sms_override > 0 ? opt.sms_override : dev_sms;
   opt.use_wgmma = prop.major == 9 && prop.minor == 0 && !opt.force_mma_sync;
-  std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB); planning for %d SMs, %s above M = 16\n", prop.name,
+  std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB); planning for %d SMs, %s above M = 32\n", prop.name,
               prop.major, prop.minor, dev_sms, prop.l2CacheSize >> 20, sms, opt.use_wgmma ? "wgmma" : "mma.sync");
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));

@@ -5,10 +5,12 @@ the kernel's ``mma.sync`` fragments want (``prepare_marlin_weights``), and are
 dequantized in registers; activations and output are bfloat16 or float16,
 accumulation float32. Selected on compute capability 8.x and 9.x.
 
-For large M the GEMM is compute-bound and ``mma.sync`` on Hopper trails the
-``wgmma`` GEMM that cuBLAS runs; from ``DENSE_FROM_TOKENS`` rows on, ``apply``
-dequantizes the prepared weights and calls a dense ``jnp.dot`` instead. That
-crossover is a measurement, recorded with its data (see the constant).
+On compute capability 9.0 (H100/H200) M > 32 runs on the kernel's ``wgmma``
+(sm_90a) tile configurations, M <= 32 and other GPUs on ``mma.sync``. For large
+M the GEMM is compute-bound and the kernel trails cuBLAS's dense GEMM; from
+``DENSE_FROM_TOKENS`` rows on, ``apply`` dequantizes the prepared weights and
+calls a dense ``jnp.dot`` instead. That crossover is a measurement, recorded
+with its data (see the constant).
 """
 
 from __future__ import annotations
@@ -29,19 +31,29 @@ from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marl
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
 from jax_mxfp4.sharding import check_whole_units
 
-__all__ = ["DENSE_FROM_TOKENS", "MarlinKernel"]
+__all__ = ["DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "MarlinKernel"]
 
-#: M (tokens) from which a Marlin layer runs as dequantize + dense GEMM
-#: (``dense_matmul``); None: always the Marlin kernel. Measured on an H100
+#: M (tokens) from which a Marlin layer on a compute capability 9.0 GPU runs as
+#: dequantize + dense GEMM (``dense_matmul``); None: always the Marlin kernel.
+#: Measured on an H200
+#: (benchmarks/results/gemm-nvidia-h200.json, rows "marlin_kernel" and
+#: "marlin_dense", commit cfc0a62, the kernel's wgmma configurations): at
+#: M = 256 the kernel is faster on four of the six benchmark shapes
+#: (8192x8192: 75.6 vs 92.2 us; 8192x28672: 223 vs 320 us), ties 4096x4096
+#: (30.5 vs 30.0 us) and loses 2880x5760 (34.4 vs 32.0 us); at M = 512 the
+#: dense path wins on five (8192x8192: 130 vs 140 us; 2880x5760: 35.2 vs
+#: 51.5 us) and loses 8192x28672 by 3% (430 vs 419 us); at 1024 it wins on
+#: all six.
+DENSE_FROM_TOKENS: int | None = 512
+
+#: The same crossover where the kernel runs its mma.sync configurations only
+#: (compute capability 8.x). Measured on an H100 with those configurations
 #: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json, rows "marlin",
-#: "marlin_dense" and "marlin_kernel"; commit e5c6640, with the shared-memory
-#: staged dequantization): at M = 256 the dense path is as fast as the kernel
-#: or faster on all six benchmark shapes (4096x4096: 33.5 vs 38.5 us;
-#: 8192x28672: 396 vs 398 us), at M = 512 it takes 0.53-0.66x of the kernel's
-#: time, and at M = 128 the kernel wins on all six (8192x8192: 69.9 vs 118 us).
-#: M between 128 and 256 was not measured. (Before the staged dequantization,
-#: commit 9c1215f, the crossover was between 512 and 1024.)
-DENSE_FROM_TOKENS: int | None = 256
+#: "marlin_dense" and "marlin_kernel"; commit e5c6640): at M = 256 the dense
+#: path is as fast as the kernel or faster on all six benchmark shapes
+#: (4096x4096: 33.5 vs 38.5 us; 8192x28672: 396 vs 398 us), at M = 128 the
+#: kernel wins on all six (8192x8192: 69.9 vs 118 us). No A100 was measured.
+DENSE_FROM_TOKENS_MMA_SYNC: int | None = 256
 
 # SM count used when the device cannot be queried at trace time (e.g. tracing
 # on a CPU host for a GPU): any value is correct, the device's own is fastest.
@@ -61,6 +73,11 @@ def _sm_count() -> int:
         return _FALLBACK_SM_COUNT
     count = int(_native.ext.marlin_device_sm_count(int(getattr(device, "local_hardware_id", device.id) or 0)))
     return count if count > 0 else _FALLBACK_SM_COUNT
+
+
+def dense_from_tokens() -> int | None:
+    """The crossover for the default device's instruction path."""
+    return DENSE_FROM_TOKENS if _has_wgmma() else DENSE_FROM_TOKENS_MMA_SYNC
 
 
 @register_kernel
@@ -98,17 +115,18 @@ class MarlinKernel(Mxfp4LinearKernel):
 
     def matmul(self, x, weights: PreparedWeights):
         tokens = math.prod(int(d) for d in x.shape[:-1])
-        if DENSE_FROM_TOKENS is not None and tokens >= DENSE_FROM_TOKENS:
+        dense_from = dense_from_tokens()
+        if dense_from is not None and tokens >= dense_from:
             return self.dense_matmul(x, weights)
         return self.kernel_matmul(x, weights)
 
     def kernel_matmul(self, x, weights: PreparedWeights, *, ctas_per_sm: int = 1, wgmma: bool | None = None):
-        """The Marlin GEMM kernel at any M (``matmul`` uses it below ``DENSE_FROM_TOKENS``).
+        """The Marlin GEMM kernel at any M (``matmul`` uses it below ``dense_from_tokens()``).
 
         ``ctas_per_sm`` > 1 plans the launch for that many CTAs per SM (a grid of
         ``ctas_per_sm`` x the SM count; benchmarks measure it against the default).
         ``wgmma``: None (default) uses the Hopper ``wgmma`` configurations for
-        M > 16 where the device is compute capability 9.0; False forces the
+        M > 32 where the device is compute capability 9.0; False forces the
         ``mma.sync`` ones (benchmarks compare the two); True on another device is
         an error."""
         config = weights.config

@@ -9,7 +9,7 @@ scratch is a hidden second result whose size the extension computes at trace
 time for the same SM count and instruction path the kernel is launched with
 (the ``sm_count`` and ``use_wgmma`` attributes), so XLA owns that memory and
 the call is graph-safe. ``use_wgmma`` (only on compute capability 9.0: the
-handler refuses it elsewhere) runs M > 16 on the Hopper ``wgmma`` tile
+handler refuses it elsewhere) runs M > 32 on the Hopper ``wgmma`` tile
 configurations instead of the ``mma.sync`` ones.
 
 Sharding (``sharding_rule``, ``partition``; mechanism in ``base``): the
@@ -164,7 +164,7 @@ class MarlinGemmPrimitive(FfiPrimitive):
 def marlin_gemm(x, tiles, scales, *, n: int, k: int, sm_count: int, use_wgmma: bool = False):
     """Binds ``mxfp4_marlin_gemm``; returns ``y[..., N]`` in x's dtype.
 
-    ``use_wgmma``: run M > 16 on the Hopper (sm_90a) ``wgmma`` configurations;
+    ``use_wgmma``: run M > 32 on the Hopper (sm_90a) ``wgmma`` configurations;
     only on a compute capability 9.0 device (the kernel layer decides)."""
     return MarlinGemmPrimitive.bind(x, tiles, scales, n=n, k=k, sm_count=sm_count, use_wgmma=bool(use_wgmma),
                                     dtype=int(input_dtype_code(x.dtype)))
