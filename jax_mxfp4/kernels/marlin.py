@@ -36,14 +36,15 @@ __all__ = ["DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "MarlinKernel"]
 #: M (tokens) from which a Marlin layer on a compute capability 9.0 GPU runs as
 #: dequantize + dense GEMM (``dense_matmul``); None: always the Marlin kernel.
 #: Measured on an H200
-#: (benchmarks/results/gemm-nvidia-h200.json, rows "marlin_kernel" and
-#: "marlin_dense", commit cfc0a62, the kernel's wgmma configurations): at
-#: M = 256 the kernel is faster on four of the six benchmark shapes
-#: (8192x8192: 75.6 vs 92.2 us; 8192x28672: 223 vs 320 us), ties 4096x4096
-#: (30.5 vs 30.0 us) and loses 2880x5760 (34.4 vs 32.0 us); at M = 512 the
-#: dense path wins on five (8192x8192: 130 vs 140 us; 2880x5760: 35.2 vs
-#: 51.5 us) and loses 8192x28672 by 3% (430 vs 419 us); at 1024 it wins on
-#: all six.
+#: (benchmarks/results/gemm-nvidia-h200.json, rows "marlin" (the kernel below
+#: 512), "marlin_kernel" and "marlin_dense"; commit 514ee22, the kernel's wgmma
+#: configurations): at M = 256 the kernel is faster on five of the six
+#: benchmark shapes (8192x8192: 74.9 vs 92.1 us; 8192x28672: 223 vs 320 us;
+#: 4096x4096: 30.6 vs 31.1 us) and loses 2880x5760 (34.4 vs 32.7 us); at
+#: M = 512 the dense path wins on five (8192x8192: 129 vs 139 us; 2880x5760:
+#: 35.0 vs 49.4 us) and loses 8192x28672 by 4% (432 vs 417 us); at 1024 it
+#: wins on all six. (At M = 128 the two smallest shapes would also prefer
+#: the dense path: 2880x5760 26.6 vs 30.8 us; one crossover for all shapes.)
 DENSE_FROM_TOKENS: int | None = 512
 
 #: The same crossover where the kernel runs its mma.sync configurations only
