@@ -97,10 +97,11 @@ struct TileConfig {
 //    two n8 tiles are exactly an m16 slice of A: no layout change), the
 //    activations its B operand, read by the tensor cores from the 128-byte
 //    swizzled shared tile (k_tile 64 = one swizzle row). Warp w owns unit w
-//    of the 256-feature tile; a warpgroup = 4 units = two m64 halves. One
-//    wgmma m64 x tokens x k16 per half and k16 step: 2 x 128 tensor cycles
-//    per warp's 512 dequantized weights at 128 tokens, so dequantization
-//    (~13 instructions per word) hides under the asynchronous MMA.
+//    of the 256-feature tile; a warpgroup = 4 units = two m64 halves. Per
+//    32-k block a warpgroup issues 4 wgmma (2 k16 steps x 2 halves), 256
+//    tensor-core cycles of the SM at 128 tokens, against ~60 instructions
+//    of dequantization per warp (4 words), which therefore hide under the
+//    asynchronous MMA.
 constexpr TileConfig kTileConfigs[] = {
     // name      m_blk n_tile k_tile w_n w_k stages max_m    path
     {"small", 1, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
