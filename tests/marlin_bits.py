@@ -28,7 +28,8 @@ from jax_mxfp4.kernels import marlin_weights as mw
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYOUT_H = ROOT / "csrc" / "marlin" / "marlin_layout.h"
-GEMM_CU = ROOT / "csrc" / "marlin" / "marlin_gemm.cu"
+TILES_H = ROOT / "csrc" / "marlin" / "marlin_tiles.h"
+PLAN_CC = ROOT / "csrc" / "marlin" / "marlin_plan.cc"
 DTYPES = (jnp.bfloat16, jnp.float16)
 THREADS = 256  # kThreads
 # E2M1 value of each 4-bit code (bit 3 = sign).
@@ -49,7 +50,7 @@ def dequant_ref(w_packed, w_scales):
 
 @functools.lru_cache(None)
 def tile_configs():
-    text = GEMM_CU.read_text()
+    text = TILES_H.read_text()
     body = re.search(r"kTileConfigs\[\] = \{(.*?)\n\};", text, re.S).group(1)
     rows = re.findall(
         r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*MmaPath::k(\w+)\}', body

@@ -26,7 +26,7 @@ from marlin_bits import (LANES, THREADS, U32, block_multipliers, dequant_ref, de
                          half_to_f64, ldmatrix_x4, mma, tile_configs)
 
 # ---------------------------------------------------------------------------
-# Plan (MakePlan in marlin_gemm.cu).
+# Plan (MakePlan in marlin_plan.cc).
 
 
 def ceil_div(a, b):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from jax_mxfp4.kernels import marlin_weights as mw
-from marlin_bits import DTYPES, GEMM_CU, ROOT, THREADS, compile_probe, needs_compiler, tile_configs
+from marlin_bits import DTYPES, PLAN_CC, ROOT, THREADS, compile_probe, needs_compiler, tile_configs
 from marlin_emulator import emulate, make_plan, random_weights, random_x, reference, rel_err, round_to
 
 CASES = [
@@ -199,7 +199,7 @@ def test_python_plan_equals_cpp_plan(tmp_path):
     # Host code is what matters; PTX for one virtual arch keeps the build short.
     compile_probe(
         ["nvcc", "-std=c++17", "-O1", "-gencode=arch=compute_80,code=compute_80", f"-I{ROOT / 'csrc'}",
-         str(src), str(GEMM_CU), "-o", str(exe)]
+         str(src), str(PLAN_CC), "-o", str(exe)]
     )
     args = [str(v) for shape in PLAN_SHAPES for v in shape]
     lines = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()

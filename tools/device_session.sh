@@ -45,7 +45,7 @@ run() {  # run NAME CMD...: stream to stdout and $LOGS/NAME.log, remember failur
 }
 sanitize_marlin() {
   [ -x /tmp/marlin_selftest ] || run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a \
-    -Icsrc csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
+    -Icsrc csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu csrc/marlin/marlin_plan.cc -o /tmp/marlin_selftest
   run memcheck_marlin_selftest compute-sanitizer --tool memcheck --error-exitcode 3 /tmp/marlin_selftest --quick
   run racecheck_marlin_selftest compute-sanitizer --tool racecheck --error-exitcode 3 /tmp/marlin_selftest --quick
   run memcheck_marlin_ffi tools/sanitize.sh memcheck Marlin python3 tools/sanitizer_driver.py marlin
@@ -72,7 +72,7 @@ for stage in "$@"; do
     example:*) run "example_${stage#example:}" python3 "examples/${stage#example:}.py" ;;
     selftest)
       run selftest_build nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-        csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o /tmp/marlin_selftest
+        csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu csrc/marlin/marlin_plan.cc -o /tmp/marlin_selftest
       run selftest /tmp/marlin_selftest --quick ;;
     selftest-full) run selftest_full /tmp/marlin_selftest ;;
     sanitize) sanitize_marlin; sanitize_quantize ;;

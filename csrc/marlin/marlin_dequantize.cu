@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <string>
 
+#include "marlin_dequant.cuh"
 #include "marlin_dequantize.h"
 #include "marlin_layout.h"
 
@@ -81,14 +82,11 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
         const uint32_t word = *reinterpret_cast<const uint32_t*>(tiles + WordOffset(kb, n_pad, unit, 4 * g + t, j));
+        uint32_t regs[4];
+        ExtractRegisters<kDType>(word, regs);  // the GEMM's rotate-and-mask (marlin_dequant.cuh)
 #pragma unroll
         for (int p = 0; p < 4; ++p) {
-          uint32_t reg = 0;
-#pragma unroll
-          for (int group = 0; group < 2; ++group) {
-            const ExtractGroup x = Extract(kDType, p, group);
-            if (x.fields) reg |= __funnelshift_r(word, word, x.rot) & FieldMask(kDType, x.fields);
-          }
+          const uint32_t reg = regs[p];
           float lo, hi;
           if constexpr (IsBf16(kDType)) {
             lo = __uint_as_float(reg << 16);

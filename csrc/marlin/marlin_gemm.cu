@@ -50,128 +50,15 @@
 #include <utility>
 
 #include "../cuda_helpers.cuh"
+#include "marlin_dequant.cuh"
 #include "marlin_gemm.h"
 #include "marlin_layout.h"
+#include "marlin_plan.h"
+#include "marlin_tiles.h"
 
 namespace jax_mxfp4 {
 namespace marlin {
 namespace {
-
-// ===========================================================================
-// Tile configurations: every kernel variant is instantiated from this table.
-// ===========================================================================
-
-// Which devices a row serves, and with which tensor-core instruction.
-enum class MmaPath {
-  kAny,       // mma.sync, every device (SM80 and SM90)
-  kMmaSync,   // mma.sync, only where wgmma is not used (SM80, or use_wgmma off)
-  kWgmma,     // wgmma.mma_async (sm_90a), only with use_wgmma on an SM90 device
-};
-
-struct TileConfig {
-  const char* name;
-  int m_blocks;  // m16 blocks per column: tile_m = 16 * m_blocks rows of A/C
-  int n_tile;    // output features per column (multiple of 32 * warps_n)
-  int k_tile;    // k per pipeline stage (multiple of 32 * warps_k)
-  int warps_n;   // warps side by side along N
-  int warps_k;   // warps splitting each stage's k (reduced in shared memory)
-  int stages;    // cp.async buffers; stages - 1 tiles are in flight
-  int max_m;     // host heuristic: first config of the path with M <= max_m is used
-  MmaPath path;
-};
-
-// Why these numbers (NOTES.md has the arithmetic):
-//  * 256 threads = 8 warps: 2 per SM sub-partition for latency hiding while
-//    each thread keeps up to ~200 registers (1 CTA per SM).
-//  * small: M <= 16 is weight-bandwidth bound. 16 KB of weights per stage and
-//    3 stages in flight = 48 KB per SM, twice what Little's law asks for HBM3
-//    (3 TB/s x ~1 us / 132 SMs ~ 23 KB). n_tile 128 keeps N/n_tile columns
-//    plentiful so stripes stay short.
-//  * medium: M 17..32, the same with 32 rows (A doubles; 148 KB of smem).
-//  * large: M > 32 in chunks of 64 rows: 64x64 warp tiles (4 m16 x 8 n8)
-//    give 32 MMAs per k16 for 4 ldmatrix.x4 + 8 dequantized fragments, so the
-//    tensor pipe is the limit; 5 stages keep 32 KB of weights in flight for
-//    M = 33..64, where bandwidth and compute are about equal.
-//  * wgmma64 / wgmma128 (Hopper): the weights are wgmma's A operand, taken
-//    from registers right after dequantization (the mma.sync B fragments of
-//    two n8 tiles are exactly an m16 slice of A: no layout change), the
-//    activations its B operand, read by the tensor cores from the 128-byte
-//    swizzled shared tile (k_tile 64 = one swizzle row). Warp w owns unit w
-//    of the 256-feature tile; a warpgroup = 4 units = two m64 halves. Per
-//    32-k block a warpgroup issues 4 wgmma (2 k16 steps x 2 halves), 256
-//    tensor-core cycles of the SM at 128 tokens, against ~60 instructions
-//    of dequantization per warp (4 words), which therefore hide under the
-//    asynchronous MMA.
-constexpr TileConfig kTileConfigs[] = {
-    // name      m_blk n_tile k_tile w_n w_k stages max_m    path
-    {"small", 1, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
-    {"medium", 2, 128, 256, 4, 2, 4, 32, MmaPath::kAny},
-    {"large", 4, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
-    {"wgmma64", 4, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},  // M = 33..64 on SM90
-    {"wgmma128", 8, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
-};
-constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
-constexpr int kThreads = 256;
-
-// Every size the kernel derives from a row of the table, as compile-time
-// constants (a struct of static ints rather than a local TileConfig: device
-// lambdas may read these without capturing anything).
-template <int kCfg>
-struct Geometry {
-  static constexpr int kMBlocks = kTileConfigs[kCfg].m_blocks;
-  static constexpr int kNTile = kTileConfigs[kCfg].n_tile;
-  static constexpr int kKTile = kTileConfigs[kCfg].k_tile;
-  static constexpr int kWarpsN = kTileConfigs[kCfg].warps_n;
-  static constexpr int kWarpsK = kTileConfigs[kCfg].warps_k;
-  static constexpr int kStages = kTileConfigs[kCfg].stages;
-  static constexpr bool kWgmma = kTileConfigs[kCfg].path == MmaPath::kWgmma;
-  static constexpr int kTileM = 16 * kMBlocks;          // rows of A / C per column
-  static constexpr int kKbTile = kKTile / kBlockK;      // scale blocks per stage
-  static constexpr int kUnitsTile = kNTile / kUnitN;    // units across the CTA tile
-  static constexpr int kUnitsWarp = kUnitsTile / kWarpsN;
-  static constexpr int kKbWarp = kKbTile / kWarpsK;     // scale blocks per warp per stage
-  static constexpr int kN8Warp = 4 * kUnitsWarp;        // n8 tiles per warp
-  static constexpr int kFrags = kMBlocks * kN8Warp;     // accumulators per thread
-  // Shared memory, in 16-byte chunks.
-  static constexpr int kARowChunks = kKTile / 8;        // per A row of a stage
-  static constexpr int kAChunks = kTileM * kARowChunks; // A: tile_m x k_tile, 16-bit
-  static constexpr int kBChunks = kKbTile * kUnitsTile * 32;  // units x 32 lanes
-  static constexpr int kSChunks = kKbTile * kNTile / 16;      // multiplier bytes
-  // wgmma reads A (the activations) through a 128-byte-swizzle descriptor:
-  // every stage's A tile starts 1024-byte aligned (64 chunks).
-  static constexpr int kStageAlign = kWgmma ? 64 : 1;
-  static constexpr int kStageChunks =
-      (kAChunks + kBChunks + kSChunks + kStageAlign - 1) / kStageAlign * kStageAlign;
-  static constexpr int kRedChunks = (kWarpsK - 1) * kTileM * kNTile / 4;  // warps_k partials
-  static constexpr int kPartialChunks = kTileM * kNTile / 4;  // one split-K partial tile
-  // Stages - 1 tiles are in flight, less one more for wgmma, whose last group
-  // of a stage may still read it while the next stage starts.
-  static constexpr int kLag = kWgmma ? 1 : 0;
-  static constexpr int kSmemBytes =
-      16 * (kStages * kStageChunks + kRedChunks) + 16 + (kWgmma ? 1024 : 0);  // + flag (+ alignment)
-
-  static constexpr bool kValid =
-      kWarpsN * kWarpsK * 32 == kThreads && kNTile % (kUnitN * kWarpsN) == 0 &&
-      kKTile % (kBlockK * kWarpsK) == 0 &&
-      kKTile >= 64 &&                          // XOR swizzle: >= 8 chunks per A row
-      kThreads % kARowChunks == 0 &&           // fixed thread -> A column ...
-      (kThreads / kARowChunks) % 8 == 0 &&     // ... and fixed row % 8 across chunks
-      kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
-      (kThreads / 32) % kUnitsTile == 0 &&     // fixed warp -> B unit
-      kBChunks % kThreads == 0 && kSChunks <= kThreads && kStages >= 2 + kLag &&
-      kSmemBytes <= 160 * 1024 &&  // fits SM80 (163 KB opt-in) and SM90 (227 KB)
-      // wgmma: one warp per unit, warpgroup = two m64 halves, A row = one
-      // 128-byte swizzle row, m64 x kTileM x k16 with kTileM in {64, 128}.
-      (!kWgmma || (kWarpsN == kThreads / 32 && kUnitsTile == kWarpsN && kWarpsK == 1 &&
-                   kKTile == 64 && (kTileM == 64 || kTileM == 128)));
-};
-
-template <size_t... kIs>
-constexpr bool AllConfigsValid(std::index_sequence<kIs...>) {
-  return (Geometry<kIs>::kValid && ...);
-}
-static_assert(AllConfigsValid(std::make_index_sequence<kNumTileConfigs>{}),
-              "a row of kTileConfigs violates a kernel assumption (see Geometry::kValid)");
 
 // ===========================================================================
 // Kernel parameters (host computes everything derived; see MakePlan).
@@ -192,78 +79,6 @@ struct KernelParams {
   int total_tiles;        // n_cols * k_tiles
   int stream_weights;     // 1: each weight tile is read by one column -> L2 evict_first
 };
-
-// ===========================================================================
-// Dequantization (marlin_layout.h: "Output 1" and "Scale mapping").
-// ===========================================================================
-
-template <typename T>
-struct DTypeOf;
-template <>
-struct DTypeOf<__nv_bfloat16> {
-  static constexpr InputDType kValue = InputDType::kBF16;
-};
-template <>
-struct DTypeOf<__half> {
-  static constexpr InputDType kValue = InputDType::kF16;
-};
-
-// Register p of a word: OR over its (1 or 2) groups of rotr(w, rot) & mask.
-// All operands are compile-time: 1-2 SHF.R.W + 1-2 LOP3 in SASS.
-template <InputDType kD, int kP>
-__device__ __forceinline__ uint32_t ExtractRegister(uint32_t w) {
-  constexpr ExtractGroup g0 = Extract(kD, kP, 0);
-  constexpr ExtractGroup g1 = Extract(kD, kP, 1);
-  constexpr uint32_t mask0 = FieldMask(kD, g0.fields);
-  uint32_t r = (g0.rot == 0 ? w : ptx::RotR(w, g0.rot)) & mask0;
-  if constexpr (g1.fields != 0) {
-    constexpr uint32_t mask1 = FieldMask(kD, g1.fields);
-    r |= (g1.rot == 0 ? w : ptx::RotR(w, g1.rot)) & mask1;
-  }
-  return r;
-}
-
-// The 4 packed multipliers of a lane's scale word (byte j -> n8 tile j),
-// both halves of each register equal. bf16: bits = byte << 7 (PRMT + SHL);
-// f16: bits = byte << 8 (one PRMT, the byte already holds exponent << 2).
-template <InputDType kD>
-__device__ __forceinline__ void BlockMultipliers(uint32_t sw, uint32_t (&mult)[4]) {
-  if constexpr (kD == InputDType::kBF16) {
-    mult[0] = ptx::Prmt<0x4040>(sw, 0) << 7;  // bytes (b0, 0, b0, 0)
-    mult[1] = ptx::Prmt<0x4141>(sw, 0) << 7;
-    mult[2] = ptx::Prmt<0x4242>(sw, 0) << 7;
-    mult[3] = ptx::Prmt<0x4343>(sw, 0) << 7;
-  } else {
-    mult[0] = ptx::Prmt<0x0404>(sw, 0);  // bytes (0, b0, 0, b0)
-    mult[1] = ptx::Prmt<0x1414>(sw, 0);
-    mult[2] = ptx::Prmt<0x2424>(sw, 0);
-    mult[3] = ptx::Prmt<0x3434>(sw, 0);
-  }
-}
-
-template <InputDType kD>
-__device__ __forceinline__ uint32_t Mul2(uint32_t a, uint32_t b) {
-  if constexpr (kD == InputDType::kBF16) return ptx::MulBf16x2(a, b);
-  else return ptx::MulF16x2(a, b);
-}
-
-// Word -> the 4 B registers {k16 step 0: b0, b1; step 1: b0, b1}, scaled.
-template <InputDType kD>
-__device__ __forceinline__ void DequantWord(uint32_t w, uint32_t mult, uint32_t (&b)[4]) {
-  b[0] = Mul2<kD>(ExtractRegister<kD, 0>(w), mult);
-  b[1] = Mul2<kD>(ExtractRegister<kD, 1>(w), mult);
-  b[2] = Mul2<kD>(ExtractRegister<kD, 2>(w), mult);
-  b[3] = Mul2<kD>(ExtractRegister<kD, 3>(w), mult);
-}
-
-// float32 row factor F[n] from its 4 byte planes (marlin_layout.h, Output 2).
-__device__ __forceinline__ float RowFactor(const uint8_t* planes, int n_pad, int n) {
-  const uint32_t bits = static_cast<uint32_t>(planes[n]) |
-                        (static_cast<uint32_t>(planes[n_pad + n]) << 8) |
-                        (static_cast<uint32_t>(planes[2 * n_pad + n]) << 16) |
-                        (static_cast<uint32_t>(planes[3 * n_pad + n]) << 24);
-  return __uint_as_float(bits);
-}
 
 // ===========================================================================
 // The kernel.
@@ -633,66 +448,8 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
 }
 
 // ===========================================================================
-// Host: plan, workspace, launch.
+// Host: launch (the plan comes from marlin_plan.cc).
 // ===========================================================================
-
-struct Plan {
-  int cfg = -1;
-  int m_chunks = 0, n_tiles = 0, k_tiles = 0, n_cols = 0;
-  int64_t total = 0;
-  int iters = 0, grid = 0;
-  bool split = false;
-  int64_t counter_bytes = 0, partial_bytes = 0;
-};
-
-// Rows of the other path are skipped; the last row of each path has
-// max_m = INT_MAX, so every M >= 1 finds one.
-int SelectConfig(int64_t m, bool wgmma) {
-  for (int i = 0; i < kNumTileConfigs; ++i) {
-    const MmaPath path = kTileConfigs[i].path;
-    if (path == (wgmma ? MmaPath::kMmaSync : MmaPath::kWgmma)) continue;
-    if (m <= kTileConfigs[i].max_m) return i;
-  }
-  return -1;
-}
-
-// The one function that turns (m, n, k, sm_count, wgmma) into a launch; used
-// by MarlinWorkspaceBytes at trace time and by MarlinGemm at run time.
-bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan) {
-  if (m < 1 || !MarlinCanImplement(n, k).empty() || sm_count < 1) return false;
-  Plan p;
-  p.cfg = SelectConfig(m, wgmma);
-  if (p.cfg < 0) return false;
-  const TileConfig& c = kTileConfigs[p.cfg];
-  const int64_t m_chunks = CeilDiv(m, 16 * c.m_blocks);
-  const int64_t n_tiles = CeilDiv(n, c.n_tile);
-  const int64_t k_tiles = CeilDiv(k / kBlockK, c.k_tile / kBlockK);
-  const int64_t n_cols = m_chunks * n_tiles;
-  const int64_t total = n_cols * k_tiles;
-  if (m > INT_MAX || n_cols > INT_MAX || total > INT_MAX) return false;
-  int64_t grid = std::min<int64_t>(sm_count, total);
-  int64_t iters = CeilDiv(total, grid);
-  // Plenty of columns: give each CTA whole columns (no split-K traffic); the
-  // imbalance is at most one column in >= 4.
-  if (n_cols >= 4 * static_cast<int64_t>(sm_count)) iters = RoundUp(iters, k_tiles);
-  grid = CeilDiv(total, iters);  // every CTA gets >= 1 tile
-  p.m_chunks = static_cast<int>(m_chunks);
-  p.n_tiles = static_cast<int>(n_tiles);
-  p.k_tiles = static_cast<int>(k_tiles);
-  p.n_cols = static_cast<int>(n_cols);
-  p.total = total;
-  p.iters = static_cast<int>(iters);
-  p.grid = static_cast<int>(grid);
-  // A stripe boundary inside a column exists iff some b * iters (0 < b < grid)
-  // is not a multiple of k_tiles, i.e. iff iters is not.
-  p.split = grid > 1 && iters % k_tiles != 0;
-  if (p.split) {
-    p.counter_bytes = RoundUp(4 * n_cols, 256);
-    p.partial_bytes = 2 * grid * 16 * c.m_blocks * c.n_tile * static_cast<int64_t>(sizeof(float));
-  }
-  *plan = p;
-  return true;
-}
 
 // Per-device "dynamic shared memory opt-in done" flags, per kernel instance.
 constexpr int kMaxDevices = 64;
@@ -732,25 +489,6 @@ std::string LaunchDispatch(int cfg, const KernelParams& params, int grid, cudaSt
 // Exported host API (marlin_gemm.h).
 // ===========================================================================
 
-std::string MarlinCanImplement(int64_t n, int64_t k) {
-  if (k < kBlockK || k % kBlockK != 0)
-    return "K = " + std::to_string(k) + " must be a positive multiple of 32 (MXFP4 block size)";
-  if (n < 1) return "N = " + std::to_string(n) + " must be positive";
-  // 32-bit indexing inside the kernel: units * 32 lanes, n_pad * (kb + 4).
-  const PreparedShape s = GetPreparedShape(n, k);
-  if (s.tiles_rows * s.tiles_cols / 16 > INT_MAX || s.scales_rows * s.scales_cols > INT_MAX ||
-      k > INT_MAX / 2 || PaddedN(n) > INT_MAX / 2)
-    return "N x K = " + std::to_string(n) + " x " + std::to_string(k) + " is too large";
-  return "";
-}
-
-int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
-  if (m == 0 && MarlinCanImplement(n, k).empty()) return 0;
-  Plan plan;
-  if (!MakePlan(m, n, k, sm_count, use_wgmma, &plan)) return -1;
-  return plan.counter_bytes + plan.partial_bytes;
-}
-
 int MarlinDeviceSmCount(int device) {
   static std::atomic<int> cache[kMaxDevices];
   if (device < 0 || device >= kMaxDevices) return 0;
@@ -759,19 +497,6 @@ int MarlinDeviceSmCount(int device) {
   if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) return 0;
   cache[device].store(v, std::memory_order_relaxed);
   return v;
-}
-
-std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
-  Plan p;
-  if (!MakePlan(m, n, k, sm_count, use_wgmma, &p)) return "unsupported";
-  const TileConfig& c = kTileConfigs[p.cfg];
-  char buf[256];
-  std::snprintf(buf, sizeof(buf),
-                "%s m%dxn%dxk%d grid=%d iters=%d cols=%d k_tiles=%d split=%s ws=%lld",
-                c.name, 16 * c.m_blocks, c.n_tile, c.k_tile, p.grid, p.iters, p.n_cols,
-                p.k_tiles, p.split ? "yes" : "no",
-                static_cast<long long>(p.counter_bytes + p.partial_bytes));
-  return buf;
 }
 
 std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {

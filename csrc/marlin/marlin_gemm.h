@@ -2,7 +2,7 @@
 //   C[M, N] = A[M, K] @ dequant(W)^T,  A and C bf16 or fp16, fp32 accumulation,
 // W prepared once at load into the layout of marlin_layout.h.
 //
-// Host API (plain C++, no XLA dependency; marlin_gemm.cu) and the XLA FFI
+// Host API (plain C++, no XLA dependency; marlin_plan.cc and marlin_gemm.cu) and the XLA FFI
 // handler symbol (marlin_ffi.cc). Typical use from Python at trace time:
 //   MarlinCanImplement(n, k)                 -> "" or why not
 //   MarlinWorkspaceBytes(m, n, k, sm_count, use_wgmma)

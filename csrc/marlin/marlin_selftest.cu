@@ -7,7 +7,7 @@
 // Build (from the repository root; ~1-2 min on 2 cores):
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_80,code=sm_80 \
 //        -gencode=arch=compute_90a,code=sm_90a -Icsrc \
-//        csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu -o marlin_selftest
+//        csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu csrc/marlin/marlin_plan.cc -o marlin_selftest
 //   add  -DMARLIN_SELFTEST_CUBLAS -lcublas  to also time cuBLAS bf16/fp16 GEMMs.
 // Run:
 //   ./marlin_selftest                 full grid, PASS/FAIL + timing table

@@ -5,7 +5,8 @@
 #   XLA_FFI_INCLUDE_DIR   from `python -c "import jax; print(jax.ffi.include_dir())"`
 #   JAX_MXFP4_CSRC_DIR    the repository's csrc/ directory
 # Provides:
-#   mxfp4_marlin          OBJECT library: the GEMM kernel + host API (marlin_gemm.cu),
+#   mxfp4_marlin          OBJECT library: the GEMM kernel and launch (marlin_gemm.cu),
+#                         its planner and GPU-free host API (marlin_plan.cc),
 #                         the dense dequantization of prepared weights for the
 #                         large-M path (marlin_dequantize.cu) and the XLA FFI
 #                         handler symbols MarlinMxfp4GemmFfi, MarlinDequantizeFfi
@@ -36,6 +37,7 @@ set(_marlin_archs "80-real;90a-real")
 
 add_library(mxfp4_marlin OBJECT
   "${_marlin_dir}/marlin_gemm.cu"
+  "${_marlin_dir}/marlin_plan.cc"
   "${_marlin_dir}/marlin_dequantize.cu"
   "${_marlin_dir}/marlin_ffi.cc")
 set_target_properties(mxfp4_marlin PROPERTIES
@@ -53,7 +55,8 @@ target_compile_options(mxfp4_marlin PRIVATE
 
 add_executable(mxfp4_marlin_selftest EXCLUDE_FROM_ALL
   "${_marlin_dir}/marlin_selftest.cu"
-  "${_marlin_dir}/marlin_gemm.cu")
+  "${_marlin_dir}/marlin_gemm.cu"
+  "${_marlin_dir}/marlin_plan.cc")
 set_target_properties(mxfp4_marlin_selftest PROPERTIES
   CUDA_ARCHITECTURES "${_marlin_archs}"
   CUDA_STANDARD 17

@@ -1,0 +1,104 @@
+// The Marlin GEMM's launch planner and the host API that needs no GPU
+// (MarlinCanImplement, MarlinWorkspaceBytes, MarlinDescribePlan): plain C++.
+#include "marlin_plan.h"
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <string>
+
+#include "marlin_gemm.h"
+#include "marlin_layout.h"
+#include "marlin_tiles.h"
+
+namespace jax_mxfp4 {
+namespace marlin {
+namespace {
+
+// Rows of the other path are skipped; the last row of each path has
+// max_m = INT_MAX, so every M >= 1 finds one.
+int SelectConfig(int64_t m, bool wgmma) {
+  for (int i = 0; i < kNumTileConfigs; ++i) {
+    const MmaPath path = kTileConfigs[i].path;
+    if (path == (wgmma ? MmaPath::kMmaSync : MmaPath::kWgmma)) continue;
+    if (m <= kTileConfigs[i].max_m) return i;
+  }
+  return -1;
+}
+
+}  // namespace
+
+bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan) {
+  if (m < 1 || !MarlinCanImplement(n, k).empty() || sm_count < 1) return false;
+  Plan p;
+  p.cfg = SelectConfig(m, wgmma);
+  if (p.cfg < 0) return false;
+  const TileConfig& c = kTileConfigs[p.cfg];
+  const int64_t m_chunks = CeilDiv(m, 16 * c.m_blocks);
+  const int64_t n_tiles = CeilDiv(n, c.n_tile);
+  const int64_t k_tiles = CeilDiv(k / kBlockK, c.k_tile / kBlockK);
+  const int64_t n_cols = m_chunks * n_tiles;
+  const int64_t total = n_cols * k_tiles;
+  if (m > INT_MAX || n_cols > INT_MAX || total > INT_MAX) return false;
+  int64_t grid = std::min<int64_t>(sm_count, total);
+  int64_t iters = CeilDiv(total, grid);
+  // Plenty of columns: give each CTA whole columns (no split-K traffic); the
+  // imbalance is at most one column in >= 4.
+  if (n_cols >= 4 * static_cast<int64_t>(sm_count)) iters = RoundUp(iters, k_tiles);
+  grid = CeilDiv(total, iters);  // every CTA gets >= 1 tile
+  p.m_chunks = static_cast<int>(m_chunks);
+  p.n_tiles = static_cast<int>(n_tiles);
+  p.k_tiles = static_cast<int>(k_tiles);
+  p.n_cols = static_cast<int>(n_cols);
+  p.total = total;
+  p.iters = static_cast<int>(iters);
+  p.grid = static_cast<int>(grid);
+  // A stripe boundary inside a column exists iff some b * iters (0 < b < grid)
+  // is not a multiple of k_tiles, i.e. iff iters is not.
+  p.split = grid > 1 && iters % k_tiles != 0;
+  if (p.split) {
+    p.counter_bytes = RoundUp(4 * n_cols, 256);
+    p.partial_bytes = 2 * grid * 16 * c.m_blocks * c.n_tile * static_cast<int64_t>(sizeof(float));
+  }
+  *plan = p;
+  return true;
+}
+
+// ===========================================================================
+// Exported host API (marlin_gemm.h).
+// ===========================================================================
+
+std::string MarlinCanImplement(int64_t n, int64_t k) {
+  if (k < kBlockK || k % kBlockK != 0)
+    return "K = " + std::to_string(k) + " must be a positive multiple of 32 (MXFP4 block size)";
+  if (n < 1) return "N = " + std::to_string(n) + " must be positive";
+  // 32-bit indexing inside the kernel: units * 32 lanes, n_pad * (kb + 4).
+  const PreparedShape s = GetPreparedShape(n, k);
+  if (s.tiles_rows * s.tiles_cols / 16 > INT_MAX || s.scales_rows * s.scales_cols > INT_MAX ||
+      k > INT_MAX / 2 || PaddedN(n) > INT_MAX / 2)
+    return "N x K = " + std::to_string(n) + " x " + std::to_string(k) + " is too large";
+  return "";
+}
+
+int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
+  if (m == 0 && MarlinCanImplement(n, k).empty()) return 0;
+  Plan plan;
+  if (!MakePlan(m, n, k, sm_count, use_wgmma, &plan)) return -1;
+  return plan.counter_bytes + plan.partial_bytes;
+}
+
+std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
+  Plan p;
+  if (!MakePlan(m, n, k, sm_count, use_wgmma, &p)) return "unsupported";
+  const TileConfig& c = kTileConfigs[p.cfg];
+  char buf[256];
+  std::snprintf(buf, sizeof(buf),
+                "%s m%dxn%dxk%d grid=%d iters=%d cols=%d k_tiles=%d split=%s ws=%lld",
+                c.name, 16 * c.m_blocks, c.n_tile, c.k_tile, p.grid, p.iters, p.n_cols,
+                p.k_tiles, p.split ? "yes" : "no",
+                static_cast<long long>(p.counter_bytes + p.partial_bytes));
+  return buf;
+}
+
+}  // namespace marlin
+}  // namespace jax_mxfp4

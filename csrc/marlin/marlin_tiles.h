@@ -1,0 +1,128 @@
+// Tile configurations of the Marlin GEMM: every kernel variant is instantiated
+// from the table below (marlin_gemm.cu) and the planner picks one of its rows
+// per launch (marlin_plan.cc). Host and device code; compile-time only.
+#pragma once
+
+#include <climits>
+#include <cstddef>
+#include <utility>
+
+#include "marlin_layout.h"
+
+namespace jax_mxfp4 {
+namespace marlin {
+
+// Which devices a row serves, and with which tensor-core instruction.
+enum class MmaPath {
+  kAny,       // mma.sync, every device (SM80 and SM90)
+  kMmaSync,   // mma.sync, only where wgmma is not used (SM80, or use_wgmma off)
+  kWgmma,     // wgmma.mma_async (sm_90a), only with use_wgmma on an SM90 device
+};
+
+struct TileConfig {
+  const char* name;
+  int m_blocks;  // m16 blocks per column: tile_m = 16 * m_blocks rows of A/C
+  int n_tile;    // output features per column (multiple of 32 * warps_n)
+  int k_tile;    // k per pipeline stage (multiple of 32 * warps_k)
+  int warps_n;   // warps side by side along N
+  int warps_k;   // warps splitting each stage's k (reduced in shared memory)
+  int stages;    // cp.async buffers; stages - 1 tiles are in flight
+  int max_m;     // host heuristic: first config of the path with M <= max_m is used
+  MmaPath path;
+};
+
+// Why these numbers (NOTES.md has the arithmetic):
+//  * 256 threads = 8 warps: 2 per SM sub-partition for latency hiding while
+//    each thread keeps up to ~200 registers (1 CTA per SM).
+//  * small: M <= 16 is weight-bandwidth bound. 16 KB of weights per stage and
+//    3 stages in flight = 48 KB per SM, twice what Little's law asks for HBM3
+//    (3 TB/s x ~1 us / 132 SMs ~ 23 KB). n_tile 128 keeps N/n_tile columns
+//    plentiful so stripes stay short.
+//  * medium: M 17..32, the same with 32 rows (A doubles; 148 KB of smem).
+//  * large: M > 32 in chunks of 64 rows: 64x64 warp tiles (4 m16 x 8 n8)
+//    give 32 MMAs per k16 for 4 ldmatrix.x4 + 8 dequantized fragments, so the
+//    tensor pipe is the limit; 5 stages keep 32 KB of weights in flight for
+//    M = 33..64, where bandwidth and compute are about equal.
+//  * wgmma64 / wgmma128 (Hopper): the weights are wgmma's A operand, taken
+//    from registers right after dequantization (the mma.sync B fragments of
+//    two n8 tiles are exactly an m16 slice of A: no layout change), the
+//    activations its B operand, read by the tensor cores from the 128-byte
+//    swizzled shared tile (k_tile 64 = one swizzle row). Warp w owns unit w
+//    of the 256-feature tile; a warpgroup = 4 units = two m64 halves. Per
+//    32-k block a warpgroup issues 4 wgmma (2 k16 steps x 2 halves), 256
+//    tensor-core cycles of the SM at 128 tokens, against ~60 instructions
+//    of dequantization per warp (4 words), which therefore hide under the
+//    asynchronous MMA.
+constexpr TileConfig kTileConfigs[] = {
+    // name      m_blk n_tile k_tile w_n w_k stages max_m    path
+    {"small", 1, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
+    {"medium", 2, 128, 256, 4, 2, 4, 32, MmaPath::kAny},
+    {"large", 4, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
+    {"wgmma64", 4, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},  // M = 33..64 on SM90
+    {"wgmma128", 8, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
+};
+constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
+constexpr int kThreads = 256;
+
+// Every size the kernel derives from a row of the table, as compile-time
+// constants (a struct of static ints rather than a local TileConfig: device
+// lambdas may read these without capturing anything).
+template <int kCfg>
+struct Geometry {
+  static constexpr int kMBlocks = kTileConfigs[kCfg].m_blocks;
+  static constexpr int kNTile = kTileConfigs[kCfg].n_tile;
+  static constexpr int kKTile = kTileConfigs[kCfg].k_tile;
+  static constexpr int kWarpsN = kTileConfigs[kCfg].warps_n;
+  static constexpr int kWarpsK = kTileConfigs[kCfg].warps_k;
+  static constexpr int kStages = kTileConfigs[kCfg].stages;
+  static constexpr bool kWgmma = kTileConfigs[kCfg].path == MmaPath::kWgmma;
+  static constexpr int kTileM = 16 * kMBlocks;          // rows of A / C per column
+  static constexpr int kKbTile = kKTile / kBlockK;      // scale blocks per stage
+  static constexpr int kUnitsTile = kNTile / kUnitN;    // units across the CTA tile
+  static constexpr int kUnitsWarp = kUnitsTile / kWarpsN;
+  static constexpr int kKbWarp = kKbTile / kWarpsK;     // scale blocks per warp per stage
+  static constexpr int kN8Warp = 4 * kUnitsWarp;        // n8 tiles per warp
+  static constexpr int kFrags = kMBlocks * kN8Warp;     // accumulators per thread
+  // Shared memory, in 16-byte chunks.
+  static constexpr int kARowChunks = kKTile / 8;        // per A row of a stage
+  static constexpr int kAChunks = kTileM * kARowChunks; // A: tile_m x k_tile, 16-bit
+  static constexpr int kBChunks = kKbTile * kUnitsTile * 32;  // units x 32 lanes
+  static constexpr int kSChunks = kKbTile * kNTile / 16;      // multiplier bytes
+  // wgmma reads A (the activations) through a 128-byte-swizzle descriptor:
+  // every stage's A tile starts 1024-byte aligned (64 chunks).
+  static constexpr int kStageAlign = kWgmma ? 64 : 1;
+  static constexpr int kStageChunks =
+      (kAChunks + kBChunks + kSChunks + kStageAlign - 1) / kStageAlign * kStageAlign;
+  static constexpr int kRedChunks = (kWarpsK - 1) * kTileM * kNTile / 4;  // warps_k partials
+  static constexpr int kPartialChunks = kTileM * kNTile / 4;  // one split-K partial tile
+  // Stages - 1 tiles are in flight, less one more for wgmma, whose last group
+  // of a stage may still read it while the next stage starts.
+  static constexpr int kLag = kWgmma ? 1 : 0;
+  static constexpr int kSmemBytes =
+      16 * (kStages * kStageChunks + kRedChunks) + 16 + (kWgmma ? 1024 : 0);  // + flag (+ alignment)
+
+  static constexpr bool kValid =
+      kWarpsN * kWarpsK * 32 == kThreads && kNTile % (kUnitN * kWarpsN) == 0 &&
+      kKTile % (kBlockK * kWarpsK) == 0 &&
+      kKTile >= 64 &&                          // XOR swizzle: >= 8 chunks per A row
+      kThreads % kARowChunks == 0 &&           // fixed thread -> A column ...
+      (kThreads / kARowChunks) % 8 == 0 &&     // ... and fixed row % 8 across chunks
+      kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
+      (kThreads / 32) % kUnitsTile == 0 &&     // fixed warp -> B unit
+      kBChunks % kThreads == 0 && kSChunks <= kThreads && kStages >= 2 + kLag &&
+      kSmemBytes <= 160 * 1024 &&  // fits SM80 (163 KB opt-in) and SM90 (227 KB)
+      // wgmma: one warp per unit, warpgroup = two m64 halves, A row = one
+      // 128-byte swizzle row, m64 x kTileM x k16 with kTileM in {64, 128}.
+      (!kWgmma || (kWarpsN == kThreads / 32 && kUnitsTile == kWarpsN && kWarpsK == 1 &&
+                   kKTile == 64 && (kTileM == 64 || kTileM == 128)));
+};
+
+template <size_t... kIs>
+constexpr bool AllConfigsValid(std::index_sequence<kIs...>) {
+  return (Geometry<kIs>::kValid && ...);
+}
+static_assert(AllConfigsValid(std::make_index_sequence<kNumTileConfigs>{}),
+              "a row of kTileConfigs violates a kernel assumption (see Geometry::kValid)");
+
+}  // namespace marlin
+}  // namespace jax_mxfp4
