@@ -250,34 +250,34 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   // flight when fragments are rewritten).
   auto compute_stage_wgmma = [&](int slot) {
     if constexpr (G::kWgmma) {  // (instantiated for the mma.sync rows too, never called there)
-    const uint4* const sa = pipe + slot * G::kStageChunks;
-    const uint4* const sb = sa + G::kAChunks;
-    const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
+      const uint4* const sa = pipe + slot * G::kStageChunks;
+      const uint4* const sb = sa + G::kAChunks;
+      const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
 #pragma unroll
-    for (int kbl = 0; kbl < G::kKbTile; ++kbl) {
-      const uint4 w = sb[(kbl * G::kUnitsTile + warp) * 32 + lane];        // LDS.128
-      const uint32_t sw = ss[(kbl * G::kNTile + warp * kUnitN) / 4 + g];  // 4 multiplier bytes
-      uint32_t mult[4];
-      BlockMultipliers<kD>(sw, mult);
-      const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-      uint32_t bt[4][4];
+      for (int kbl = 0; kbl < G::kKbTile; ++kbl) {
+        const uint4 w = sb[(kbl * G::kUnitsTile + warp) * 32 + lane];        // LDS.128
+        const uint32_t sw = ss[(kbl * G::kNTile + warp * kUnitN) / 4 + g];  // 4 multiplier bytes
+        uint32_t mult[4];
+        BlockMultipliers<kD>(sw, mult);
+        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+        uint32_t bt[4][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
-      ptx::WgmmaWait<1>();
-      ptx::WgmmaFence();
+        for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
+        ptx::WgmmaWait<1>();
+        ptx::WgmmaFence();
 #pragma unroll
-      for (int s = 0; s < 2; ++s)
+        for (int s = 0; s < 2; ++s)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t fa[4] = {bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
-                                  bt[2 * h + 1][2 * s + 1]};
-          // k16 step 2 kbl + s = 32 bytes into each 128-byte swizzled row.
-          ptx::WgmmaM64K16RS<T, G::kTileM>(
-              reinterpret_cast<float(&)[G::kTileM / 2]>(acc[h * (G::kTileM / 8)]), fa,
-              ptx::SmemDescSwizzle128(sa + 4 * kbl + 2 * s));
-        }
-      ptx::WgmmaCommit();
-    }
+          for (int h = 0; h < 2; ++h) {
+            const uint32_t fa[4] = {bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
+                                    bt[2 * h + 1][2 * s + 1]};
+            // k16 step 2 kbl + s = 32 bytes into each 128-byte swizzled row.
+            ptx::WgmmaM64K16RS<T, G::kTileM>(
+                reinterpret_cast<float(&)[G::kTileM / 2]>(acc[h * (G::kTileM / 8)]), fa,
+                ptx::SmemDescSwizzle128(sa + 4 * kbl + 2 * s));
+          }
+        ptx::WgmmaCommit();
+      }
     }
   };
 
