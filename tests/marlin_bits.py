@@ -55,12 +55,14 @@ def tile_configs():
     rows = re.findall(
         r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*MmaPath::k(\w+)\}', body
     )
-    keys = ("m_blocks", "n_tile", "k_tile", "warps_n", "warps_k", "stages")
+    keys = ("tile_m", "n_tile", "k_tile", "warps_n", "warps_k", "stages")
     out = []
     for r in rows:
         cfg = dict(zip(keys, map(int, r[1:7])), name=r[0])
         cfg["max_m"] = 2**31 - 1 if r[7] == "INT_MAX" else int(r[7])
         cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[8]]
+        # Geometry::kWeightsA: the dequantized weights are the MMA's A operand
+        cfg["weights_a"] = cfg["path"] == "wgmma" or cfg["tile_m"] < 16
         out.append(cfg)
     assert out, "could not parse kTileConfigs"
     return tuple(out)
@@ -124,9 +126,11 @@ def block_multipliers(sw, name):  # BlockMultipliers<kD>
 
 def half_to_f64(bits, name):
     bits = np.asarray(bits, np.uint16)
-    if name == "bfloat16":
-        return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
-    return bits.view(np.float16).astype(np.float64)
+    # (shared memory the kernel leaves uncopied holds garbage: NaN bit patterns are expected)
+    with np.errstate(invalid="ignore"):
+        if name == "bfloat16":
+            return (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        return bits.view(np.float16).astype(np.float64)
 
 
 def f64_to_half(x, name):
@@ -179,7 +183,9 @@ _C_IDX = np.array([[_c_coord(lane, i) for i in range(4)] for lane in range(32)])
 
 
 def mma(acc, a_regs, b0, b1, name):
-    """acc[W, 32, 4] += A @ B for each warp; a_regs[W, 32, 4], b0/b1[W, 32] uint32."""
+    """acc[W, 32, 4] += A @ B for each warp; a_regs[W, 32, 4], b0/b1[W, 32] uint32.
+
+    Returns the operands as the tensor cores see them: A [W, 16, 16], B [W, 16, 8]."""
     w = a_regs.shape[0]
     a_half = np.stack([(a_regs >> U32(16 * h)) & U32(0xFFFF) for h in range(2)], -1)  # W,32,4,2
     a_val = half_to_f64(a_half.reshape(w, 32, 8), name)
@@ -193,7 +199,7 @@ def mma(acc, a_regs, b0, b1, name):
     with np.errstate(invalid="ignore", over="ignore"):
         d = np.einsum("wmk,wkn->wmn", amat, bmat)
     acc += d[:, _C_IDX[..., 0], _C_IDX[..., 1]]
-    return bmat
+    return amat, bmat
 
 
 def ldmatrix_x4(smem_u16, row_chunk):

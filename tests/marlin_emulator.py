@@ -39,7 +39,7 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False):
         skip = "mma_sync" if wgmma else "wgmma"
         cfg_index = next(i for i, c in enumerate(cfgs) if c["path"] != skip and m <= c["max_m"])
     c = cfgs[cfg_index]
-    m_chunks = ceil_div(m, 16 * c["m_blocks"])
+    m_chunks = ceil_div(m, c["tile_m"])
     n_tiles = ceil_div(n, c["n_tile"])
     k_tiles = ceil_div(k // 32, c["k_tile"] // 32)
     n_cols = m_chunks * n_tiles
@@ -52,7 +52,7 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False):
     split = grid > 1 and iters % k_tiles != 0
     ws = 0
     if split:
-        ws = ceil_div(4 * n_cols, 256) * 256 + 2 * grid * 16 * c["m_blocks"] * c["n_tile"] * 4
+        ws = ceil_div(4 * n_cols, 256) * 256 + 2 * grid * c["tile_m"] * c["n_tile"] * 4
     return dict(cfg=cfg_index, c=c, m_chunks=m_chunks, n_tiles=n_tiles, k_tiles=k_tiles,
                 n_cols=n_cols, total=total, grid=grid, iters=iters, split=split, ws=ws)
 
@@ -73,15 +73,17 @@ class Emulator:
         self.n, self.n_pad, self.kb_count = layout.n, layout.n_pad, layout.kb
         self.plan, self.rng = plan, rng
         c = plan["c"]
-        self.mb, self.n_tile, self.k_tile = c["m_blocks"], c["n_tile"], c["k_tile"]
+        self.tile_m, self.n_tile, self.k_tile = c["tile_m"], c["n_tile"], c["k_tile"]
         self.warps_n, self.warps_k, self.stages = c["warps_n"], c["warps_k"], c["stages"]
-        self.tile_m = 16 * self.mb
+        self.weights_a = c["weights_a"]
+        assert c["path"] != "wgmma", "the emulator covers the mma.sync configurations"
+        self.mb = 0 if self.weights_a else self.tile_m // 16
         self.kb_tile = self.k_tile // 32
         self.units_tile = self.n_tile // 32
         self.units_warp = self.units_tile // self.warps_n
         self.kb_warp = self.kb_tile // self.warps_k
         self.n8_warp = 4 * self.units_warp
-        self.frags = self.mb * self.n8_warp
+        self.frags = 2 * self.units_warp if self.weights_a else self.mb * self.n8_warp
         self.a_row_chunks = self.k_tile // 8
         self.a_chunks = self.tile_m * self.a_row_chunks
         self.b_chunks = self.kb_tile * self.units_tile * 32
@@ -119,23 +121,28 @@ class Emulator:
         self.s_base = self.s_kbl * self.n_pad + n0
 
     def fetch_tile(self, slot_buf, kt):
+        # Rows >= m, units >= units and multiplier columns >= n_pad are not
+        # copied (their garbage reaches only outputs that are never stored);
+        # scale blocks past K are zero-filled.
         tid = np.arange(THREADS)
         kb0 = kt * self.kb_tile
         kb_left = self.kb_count - kb0
         a_step = THREADS // self.a_row_chunks
         for i in range(self.a_chunks // THREADS):
-            ok = (i * a_step < self.a_rows_left) & (self.a_ch // 4 < kb_left)
+            copy = i * a_step < self.a_rows_left
+            ok = self.a_ch // 4 < kb_left
             src = (self.a_base + i * a_step * self.k + kb0 * 32) * 2
-            self._copy(slot_buf["a"], self.a_dst0 + i * THREADS, self.a_bytes, src, ok)
+            self._copy(slot_buf["a"], (self.a_dst0 + i * THREADS)[copy], self.a_bytes, src[copy], ok[copy])
         b_step = THREADS // 32 // self.units_tile
         for i in range(self.b_chunks // THREADS):
-            ok = self.b_ok & (self.b_kbl0 + i * b_step < kb_left)
+            copy = self.b_ok
+            ok = self.b_kbl0 + i * b_step < kb_left
             src = (self.b_base + (kb0 + i * b_step) * self.units * 32) * 16
-            self._copy(slot_buf["b"], tid + i * THREADS, self.tiles, src, ok)
-        act = tid < self.s_chunks
-        ok = self.s_ok & (self.s_kbl < kb_left)
+            self._copy(slot_buf["b"], (tid + i * THREADS)[copy], self.tiles, src[copy], ok[copy])
+        copy = self.s_ok
+        ok = self.s_kbl < kb_left
         src = self.s_base + kb0 * self.n_pad
-        self._copy(slot_buf["s"], tid[act], self.scales, src[act], ok[act])
+        self._copy(slot_buf["s"], tid[copy], self.scales, src[copy], ok[copy])
 
     @staticmethod
     def _copy(dst_buf, dst_chunk, src_bytes, src_off, ok):  # cp.async 16 B, zero fill
@@ -154,29 +161,49 @@ class Emulator:
         for kw in range(self.kb_warp):
             kbl = self.warp_k * self.kb_warp + kw  # [8, 1]
             af = {}
-            for s in range(2):
-                for mb in range(self.mb):
-                    row = mb * 16 + self.lane % 16
-                    ch = kbl * 4 + 2 * s + self.lane // 16
-                    af[s, mb] = ldmatrix_x4(sa16, row * self.a_row_chunks + (ch ^ (row % 8)))
+            if self.weights_a:  # one ldmatrix.x4: tokens lane % 8, k chunk kbl * 4 + lane // 8
+                row = self.lane % 8
+                ch = kbl * 4 + self.lane // 8
+                af[0] = ldmatrix_x4(sa16, row * self.a_row_chunks + (ch ^ (row % 8)))
+            else:
+                for s in range(2):
+                    for mb in range(self.mb):
+                        row = mb * 16 + self.lane % 16
+                        ch = kbl * 4 + 2 * s + self.lane // 16
+                        af[s, mb] = ldmatrix_x4(sa16, row * self.a_row_chunks + (ch ^ (row % 8)))
             for u in range(self.units_warp):
                 ul = self.warp_n * self.units_warp + u
                 wbase = ((kbl * self.units_tile + ul) * 32 + self.lane) * 4  # uint32 index
                 sw = ss32[(kbl * self.n_tile + ul * 32) // 4 + self.g]
                 mult = block_multipliers(sw, name)
-                for j in range(4):
-                    b = dequant_word(sb32[wbase + j], mult[j], name)
-                    for s in range(2):
-                        for mb in range(self.mb):
-                            fi = mb * self.n8_warp + 4 * u + j
-                            bmat = mma(acc[:, :, fi], af[s, mb], b[2 * s], b[2 * s + 1], name)
-                        # record the B operand: n = tile col + g, k = 32 kb + 16 s + row
-                        n0 = n_idx * self.n_tile + ul[:, 0] * 32 + 8 * j  # [8]
-                        kb = kt * self.kb_tile + kbl[:, 0]
-                        for w in range(8):
-                            if kb[w] < self.kb_count and n0[w] < self.n_pad:
-                                ks = slice(32 * kb[w] + 16 * s, 32 * kb[w] + 16 * s + 16)
-                                self.b_seen[n0[w] : n0[w] + 8, ks] = bmat[w].T
+                bt = [dequant_word(sb32[wbase + j], mult[j], name) for j in range(4)]
+                kb = kt * self.kb_tile + kbl[:, 0]
+                n_unit = n_idx * self.n_tile + ul[:, 0] * 32  # [8]
+                if self.weights_a:
+                    # n8 tiles 2h, 2h + 1 = rows g, g + 8 of the m16 A fragment
+                    for h in range(2):
+                        for s in range(2):
+                            fa = np.stack([bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
+                                           bt[2 * h + 1][2 * s + 1]], -1)
+                            amat, _ = mma(acc[:, :, 2 * u + h], fa, af[0][..., 2 * s], af[0][..., 2 * s + 1], name)
+                            self._record_b(amat, n_unit + 16 * h, kb, s)
+                else:
+                    for j in range(4):
+                        b = bt[j]
+                        for s in range(2):
+                            for mb in range(self.mb):
+                                fi = mb * self.n8_warp + 4 * u + j
+                                _, bmat = mma(acc[:, :, fi], af[s, mb], b[2 * s], b[2 * s + 1], name)
+                            self._record_b(bmat.transpose(0, 2, 1), n_unit + 8 * j, kb, s)
+
+    def _record_b(self, w_nk, n0, kb, s):
+        """Records the dequantized weights the tensor cores saw: w_nk[W, features, 16 k]
+        (features n0[w] + row) of k16 half s of scale block kb[w]."""
+        rows = w_nk.shape[1]
+        for w in range(8):
+            if kb[w] < self.kb_count and n0[w] < self.n_pad:
+                ks = slice(32 * kb[w] + 16 * s, 32 * kb[w] + 16 * s + 16)
+                self.b_seen[n0[w] : n0[w] + rows, ks] = w_nk[w]
 
     def slot_of(self, cta, col):
         p = self.plan
@@ -210,18 +237,30 @@ class Emulator:
         factor = self.row_factor()
         for w in range(self.warps_n):  # warps with warp_k == 0
             for u in range(self.units_warp):
+                unit0 = n_idx * self.n_tile + (w * self.units_warp + u) * 32
+                if self.weights_a:  # frag 2u + h: features unit0 + 8 (2h + r) + g, tokens 2t + e
+                    for h in range(2):
+                        for r in range(2):
+                            n = unit0 + 8 * (2 * h + r) + self.g[0]
+                            for e in range(2):
+                                row = m_chunk * self.tile_m + 2 * self.t[0] + e
+                                self._store(row, n, acc[w, :, 2 * u + h, 2 * r + e], factor)
+                    continue
                 for j in range(4):
-                    n0 = n_idx * self.n_tile + (w * self.units_warp + u) * 32 + 8 * j + 2 * self.t[0]
+                    n0 = unit0 + 8 * j + 2 * self.t[0]
                     for mb in range(self.mb):
                         for half in range(2):
                             row = m_chunk * self.tile_m + mb * 16 + self.g[0] + 8 * half
                             v = acc[w, :, mb * self.n8_warp + 4 * u + j]
                             for e in range(2):
-                                n = n0 + e
-                                ok = (n < self.n) & (row < self.m)
-                                with np.errstate(invalid="ignore", over="ignore"):
-                                    val = v[:, 2 * half + e].astype(np.float32) * factor[np.minimum(n, self.n_pad - 1)]
-                                self.c[row[ok], n[ok]] = val[ok]
+                                self._store(row, n0 + e, v[:, 2 * half + e], factor)
+
+    def _store(self, row, n, v, factor):
+        """C[row, n] = F[n] * v, rounded to T, where row < m and n < n (per lane)."""
+        ok = (n < self.n) & (row < self.m)
+        with np.errstate(invalid="ignore", over="ignore"):
+            val = v.astype(np.float32) * factor[np.minimum(n, self.n_pad - 1)]
+        self.c[row[ok], n[ok]] = val[ok]
 
     def row_factor(self):
         """F[n] (float32): the four byte planes that follow the block scales."""

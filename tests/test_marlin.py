@@ -187,11 +187,12 @@ def test_selected_on_hopper_with_reasons():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k,n", BENCH_SHAPES + ODD_SHAPES)
 def test_cuda_kernel_matches_reference(dtype, k, n, rng):
-    """Every benchmark shape and odd ones, M = 1, 7, 33, 129 (one prepared weight per shape)."""
+    """Every benchmark shape and odd ones, M = 1, 7, 8 (small8), 16 (small), 33, 129 (one
+    prepared weight per shape)."""
     wp, ws = random_weights(rng, n, k)
     prepared = jax_mxfp4.prepare_weights(wp, ws, activation_dtype=DTYPES[dtype], kernel="marlin")
     f = jax.jit(jax_mxfp4.mxfp4_linear)
-    for m in (1, 7, 33, 129):
+    for m in (1, 7, 8, 16, 33, 129):
         x = jnp.asarray(rng.standard_normal((m, k)), DTYPES[dtype])
         if m == 1:
             assert "jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()
@@ -215,7 +216,8 @@ def test_cuda_kernel_large_m(m, rng):
 @pytest.mark.parametrize("k,n", [(4160, 200), (96, 96), (2912, 5792), (8192, 8192)])
 def test_cuda_wgmma_and_mma_sync_configs(k, n, rng):
     """Hopper runs M > 32 on the wgmma tile configurations (wgmma64: M <= 64, wgmma128
-    beyond, in 128-row chunks), the mma.sync ones stay selectable: both against the
+    beyond, in 128-row chunks), the mma.sync ones stay selectable (M <= 32 runs mma.sync
+    either way: small8 to M = 8, then small, medium): both against the
     reference at M around each boundary, with residues in N (not a multiple of the
     256-feature tile) and K (an odd number of 32-blocks: a half k tile), and the split-K
     wgmma launch bit-identical when repeated."""
@@ -226,7 +228,7 @@ def test_cuda_wgmma_and_mma_sync_configs(k, n, rng):
     prepared = kernel.prepare_weights(wp, ws, LinearConfig(k, n))
     f_wgmma = jax.jit(functools.partial(kernel.kernel_matmul, wgmma=True))
     f_sync = jax.jit(functools.partial(kernel.kernel_matmul, wgmma=False))
-    for m in (32, 33, 64, 65, 128, 300):
+    for m in (1, 8, 9, 32, 33, 64, 65, 128, 300):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         y = f_wgmma(x, prepared)
         check_against_reference(y, x, wp, ws)

@@ -22,6 +22,14 @@ from jax_mxfp4.kernels import marlin_weights as mw
 from marlin_bits import DTYPES, PLAN_CC, ROOT, THREADS, compile_probe, needs_compiler, tile_configs
 from marlin_emulator import emulate, make_plan, random_weights, random_x, reference, rel_err, round_to
 
+#: the mma.sync rows of the tile table (the wgmma rows are verified on the GPU only)
+MMA_SYNC = [i for i, c in enumerate(tile_configs()) if c["path"] != "wgmma"]
+
+
+def cfg_index(name):
+    return next(i for i, c in enumerate(tile_configs()) if c["name"] == name)
+
+
 CASES = [
     # (m, n, k, sm_count)  residues in every dimension, splits and multi-chunk M
     (1, 96, 96, 8),
@@ -34,15 +42,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cfg_index", [0, 1, 2])
+@pytest.mark.parametrize("cfg", MMA_SYNC)
 @pytest.mark.parametrize("case", CASES)
-def test_emulated_kernel_matches_reference(dtype, cfg_index, case):
+def test_emulated_kernel_matches_reference(dtype, cfg, case):
     m, n, k, sms = case
     name = mw._dtype_name(dtype)
-    rng = np.random.default_rng(hash((m, n, k, cfg_index)) % 2**32)
+    rng = np.random.default_rng(hash((m, n, k, cfg)) % 2**32)
     w_packed, w_scales = random_weights(rng, n, k)
     x = random_x(rng, m, k, name)
-    out, emu, plan, layout = emulate(x, w_packed, w_scales, dtype, sms, cfg_index)
+    out, emu, plan, layout = emulate(x, w_packed, w_scales, dtype, sms, cfg)
     ref, w_ref = reference(x, w_packed, w_scales, name)
     assert not np.isnan(out).any(), "unwritten or NaN outputs"
     # fp32-accumulated result before output rounding: tight; after rounding: 2^-8.
@@ -58,7 +66,8 @@ def _row_factor(emu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_split_k_is_deterministic(dtype):
+@pytest.mark.parametrize("cfg_name", ["small8", "small"])
+def test_split_k_is_deterministic(dtype, cfg_name):
     """The last-arriving CTA sums partials in CTA order: bitwise the same output
     whatever order CTAs run in."""
     name = mw._dtype_name(dtype)
@@ -66,8 +75,9 @@ def test_split_k_is_deterministic(dtype):
     m, n, k, sms = 5, 128, 1024, 7
     w_packed, w_scales = random_weights(rng, n, k)
     x = random_x(rng, m, k, name)
-    outs = [emulate(x, w_packed, w_scales, dtype, sms, 0, order=o)[0] for o in ("forward", "reverse", "shuffle")]
-    plan = make_plan(m, n, k, sms, 0)
+    cfg = cfg_index(cfg_name)
+    outs = [emulate(x, w_packed, w_scales, dtype, sms, cfg, order=o)[0] for o in ("forward", "reverse", "shuffle")]
+    plan = make_plan(m, n, k, sms, cfg)
     assert plan["split"]
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
@@ -81,7 +91,7 @@ def test_nan_scale_gives_nan_column(dtype):
     w_packed, w_scales = random_weights(rng, n, k)
     w_scales[17, 2] = 255
     x = random_x(rng, m, k, name)
-    out, *_ = emulate(x, w_packed, w_scales, dtype, 4, 0)
+    out, *_ = emulate(x, w_packed, w_scales, dtype, 4, cfg_index("small"))
     ref, _ = reference(x, w_packed, w_scales, name)
     assert np.isnan(out[:, 17]).all() and np.isnan(ref[:, 17]).all()
     keep = np.arange(n) != 17
@@ -105,7 +115,7 @@ def test_scale_range_contract(dtype):
         w_scales[row] = np.clip(smax - rng.integers(0, spread + 1, kb), 0, 254)
         w_scales[row, 0] = smax
     x = random_x(rng, m, k, name)
-    out, emu, _, _ = emulate(x, w_packed, w_scales, dtype, 4, 0)
+    out, emu, _, _ = emulate(x, w_packed, w_scales, dtype, 4, cfg_index("small"))
     _, w_ref = reference(x, w_packed, w_scales, name)
     smax = w_scales.max(axis=1).astype(np.int64)
     span = 133 if name == "bfloat16" else 24
@@ -117,23 +127,30 @@ def test_scale_range_contract(dtype):
     assert np.all(np.abs(got - w_ref)[~inside] <= np.broadcast_to(bound[:, None], got.shape)[~inside])
 
 
-@pytest.mark.parametrize("cfg_index", [0, 1, 2])
-def test_shared_memory_accesses_are_conflict_free(cfg_index):
+@pytest.mark.parametrize("cfg", MMA_SYNC)
+def test_shared_memory_accesses_are_conflict_free(cfg):
     """ldmatrix phases (8 lanes = one 8x8 matrix) and each warp's cp.async
     writes of the A tile touch distinct 16-byte bank groups (XOR swizzle)."""
-    c = tile_configs()[cfg_index]
+    c = tile_configs()[cfg]
     rc = c["k_tile"] // 8
-    tile_m = 16 * c["m_blocks"]
+    tile_m = c["tile_m"]
     lane = np.arange(32)
+    reads = []  # per ldmatrix.x4: the chunk each lane supplies
     for kbl in range(c["k_tile"] // 32):
+        if c["weights_a"]:  # 8 tokens, k chunk kbl * 4 + lane // 8
+            row, ch = lane % 8, kbl * 4 + lane // 8
+            reads.append(row * rc + (ch ^ (row % 8)))
+            continue
         for s in range(2):
-            for mb in range(c["m_blocks"]):
+            for mb in range(tile_m // 16):
                 row = mb * 16 + lane % 16
                 ch = kbl * 4 + 2 * s + lane // 16
-                chunk = row * rc + (ch ^ (row % 8))
-                for phase in range(4):
-                    groups = chunk[8 * phase : 8 * phase + 8] % 8
-                    assert len(set(groups.tolist())) == 8
+                reads.append(row * rc + (ch ^ (row % 8)))
+    for chunk in reads:
+        assert chunk.max() < tile_m * rc
+        for phase in range(4):
+            groups = chunk[8 * phase : 8 * phase + 8] % 8
+            assert len(set(groups.tolist())) == 8
     tid = np.arange(THREADS)
     a_row0, a_ch = tid // rc, tid % rc
     dst = a_row0 * rc + (a_ch ^ (a_row0 % 8))
@@ -146,13 +163,16 @@ def test_shared_memory_accesses_are_conflict_free(cfg_index):
 
 
 def test_plan_configs_cover_m():
-    # the heuristic picks small / medium / large by M
-    assert make_plan(1, 4096, 4096, 132)["c"]["name"] == "small"
+    # the heuristic picks small8 / small / medium / large by M
+    assert make_plan(1, 4096, 4096, 132)["c"]["name"] == "small8"
+    assert make_plan(8, 4096, 4096, 132)["c"]["name"] == "small8"
+    assert make_plan(9, 4096, 4096, 132)["c"]["name"] == "small"
     assert make_plan(16, 4096, 4096, 132)["c"]["name"] == "small"
     assert make_plan(32, 4096, 4096, 132)["c"]["name"] == "medium"
     assert make_plan(33, 4096, 4096, 132)["c"]["name"] == "large"
     assert make_plan(1024, 4096, 4096, 132)["c"]["name"] == "large"
     # Hopper (use_wgmma): M <= 32 stays on mma.sync, then the wgmma rows
+    assert make_plan(8, 4096, 4096, 132, wgmma=True)["c"]["name"] == "small8"
     assert make_plan(16, 4096, 4096, 132, wgmma=True)["c"]["name"] == "small"
     assert make_plan(32, 4096, 4096, 132, wgmma=True)["c"]["name"] == "medium"
     assert make_plan(33, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
@@ -185,7 +205,7 @@ int main(int argc, char** argv) {
 PLAN_SHAPES = [
     (m, n, k, sms, wgmma)
     for (n, k) in [(4096, 4096), (8192, 8192), (28672, 8192), (200, 4160), (5760, 2880), (96, 96)]
-    for m in (1, 16, 32, 64, 129, 1024)
+    for m in (1, 8, 9, 16, 32, 64, 129, 1024)
     for sms in (132, 7)
     for wgmma in (0, 1)
 ]
@@ -208,7 +228,7 @@ def test_python_plan_equals_cpp_plan(tmp_path):
         p = make_plan(m, n, k, sms, wgmma=bool(wgmma))
         c = p["c"]
         expect = (
-            f"{c['name']} m{16 * c['m_blocks']}xn{c['n_tile']}xk{c['k_tile']} grid={p['grid']} "
+            f"{c['name']} m{c['tile_m']}xn{c['n_tile']}xk{c['k_tile']} grid={p['grid']} "
             f"iters={p['iters']} cols={p['n_cols']} k_tiles={p['k_tiles']} "
             f"split={'yes' if p['split'] else 'no'} ws={p['ws']}"
         )

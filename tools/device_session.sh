@@ -15,6 +15,9 @@
 #     example:NAME  python examples/NAME.py (e.g. example:tensor_parallel on 2 GPUs)
 #     selftest    build + run the standalone Marlin self-test (csrc/marlin), --quick
 #     selftest-full  the self-test's whole grid (correctness + timing of every config)
+#     selftest-small8  small8 (the default at M <= 8) and small (forced, --config) timed in
+#                 one process at M = 1, 2, 4, 8 on the six benchmark shapes (after selftest);
+#                 benchmarks/selftest_json.py turns the logs into a results JSON
 #     sanitize    compute-sanitizer memcheck + racecheck: Marlin self-test --quick and
 #                 the JAX-driven kernels (tools/sanitizer_driver.py); sanitize-marlin and
 #                 sanitize-quantize do one kernel family each
@@ -36,9 +39,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=${XLA_PYTHON_CLIENT_PREALLOCATE:-false}
 status=0
 run() {  # run NAME CMD...: stream to stdout and $LOGS/NAME.log, remember failures, keep going
   local name=$1; shift
-  echo "=== $name: $*"
+  echo "=== $name: $*" | tee "$LOGS/$name.log"
   local t0=$SECONDS
-  timeout -k 5 "${STAGE_TIMEOUT:-420}" "$@" 2>&1 | tee "$LOGS/$name.log"
+  timeout -k 5 "${STAGE_TIMEOUT:-420}" "$@" 2>&1 | tee -a "$LOGS/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
   [ $rc -eq 0 ] || status=1
@@ -75,6 +78,12 @@ for stage in "$@"; do
         csrc/marlin/marlin_selftest.cu csrc/marlin/marlin_gemm.cu csrc/marlin/marlin_plan.cc -o /tmp/marlin_selftest
       run selftest /tmp/marlin_selftest --quick ;;
     selftest-full) run selftest_full /tmp/marlin_selftest ;;
+    selftest-small8)
+      sh="--shape 28672x8192 --shape 8192x8192 --shape 4096x4096 --shape 14336x4096 --shape 4096x14336 --shape 5760x2880"
+      for rep in 1 2; do  # two rounds: the spread between them is the noise
+        run "selftest_small8_$rep" /tmp/marlin_selftest --dtype bf16 $sh --m 1 --m 2 --m 4 --m 8 --reps 50
+        run "selftest_small_$rep" /tmp/marlin_selftest --dtype bf16 $sh --m 1 --m 2 --m 4 --m 8 --reps 50 --config small
+      done ;;
     sanitize) sanitize_marlin; sanitize_quantize ;;
     sanitize-marlin) sanitize_marlin ;;
     sanitize-quantize) sanitize_quantize ;;

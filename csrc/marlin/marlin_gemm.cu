@@ -30,7 +30,7 @@
 //   * B: LDS.128 of the lane's 16 bytes, dequant in registers, mma.sync.
 //
 // Glossary of index names (all counts, not bytes, unless named *_bytes):
-//   tile_m = 16 m_blocks   rows of A / C per column
+//   tile_m                 rows of A / C (tokens) per column: 8 or 16 m_blocks
 //   kb                     scale block index along K (32 k); kbl: within a stage
 //   unit, ul               32-column group of the layout; ul: within the CTA tile
 //   col                    column of the stripe list = (n_idx, m_chunk):
@@ -115,10 +115,9 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
 
   // ---- global -> shared: one stage = A tile, B units, multiplier bytes ----
   // The thread -> chunk map is the same in every stage (Geometry::kValid
-  // guarantees the divisibility this needs), so a source address is a
-  // per-column base (set by start_column when the loader enters a column)
-  // plus a per-stage k offset, and the predicates are "row < m" / "unit <
-  // units" (per column) and "scale block < kb_count" (per stage):
+  // guarantees the divisibility this needs), so each thread keeps one source
+  // pointer per operand (set by start_column when the loader enters a column,
+  // advanced by one k tile per fetch) and fixed chunk strides:
   //   A chunk i: row a_row0 + i * kARowStep, 16-byte column a_ch of the tile;
   //              stored at column a_ch ^ (row % 8) (row % 8 is the same for
   //              every i): the 8 rows one ldmatrix phase reads then sit in 8
@@ -127,6 +126,13 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   //              a warp copies one 512-byte unit per instruction (coalesced),
   //              verbatim: the layout already is the consumption order.
   //   S chunk:   16 multiplier bytes at column s_col of scale block s_kbl.
+  // Rows of A >= m, units >= units and multiplier columns >= n_pad are not
+  // copied at all: their shared-memory bytes stay whatever they were, which
+  // only reaches accumulator rows (tokens) / columns (features) that are
+  // never stored, because each output element depends on one row of A and one
+  // column of B only. Scale blocks past K are different (they would mix into
+  // valid outputs): in the last k tile of a column they are zero-filled in
+  // A, B and the multipliers.
   constexpr int kARowStep = kThreads / G::kARowChunks;
   constexpr int kBKbStep = kThreads / 32 / G::kUnitsTile;
   const int64_t k_elems = static_cast<int64_t>(p.kb_count) * kBlockK;
@@ -135,59 +141,79 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   const int b_unit = (tid / 32) % G::kUnitsTile, b_kbl0 = (tid / 32) / G::kUnitsTile;
   const int s_kbl = tid / (G::kNTile / 16), s_col = 16 * (tid % (G::kNTile / 16));
   const int64_t b_kb_stride = static_cast<int64_t>(units) * 32;  // uint4s per scale-block row
+  const int64_t a_chunk_stride = kARowStep * k_elems;            // elements, chunk i -> i + 1
+  const int64_t b_chunk_stride = kBKbStep * b_kb_stride;         // uint4s, chunk i -> i + 1
 
-  const T* a_base = a;             // this thread's A chunk 0 at kt = 0
-  int a_rows_left = 0;             // rows of A below a_row0 in this m chunk
-  const uint4* b_base = p.tiles;   // this thread's B chunk 0 at kt = 0
-  bool b_ok = false;               // its unit exists (< units)
-  const uint8_t* s_base = p.scales;
-  bool s_ok = false;
-  auto start_column = [&](int col) {
+  const T* a_src = a;             // this thread's A chunk 0 of the loader's next tile
+  int a_rows_left = 0;            // rows of A at or below a_row0 in this m chunk
+  const uint4* b_src = p.tiles;   // its B chunk 0
+  bool b_ok = false;              // its unit exists (< units)
+  const uint8_t* s_src = p.scales;
+  bool s_ok = false;              // it copies multipliers, of columns < n_pad
+  auto start_column = [&](int col, int kt) {
     const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
     const int row = m_chunk * G::kTileM + a_row0;
+    const int kb0 = kt * G::kKbTile;
     a_rows_left = p.m - row;
-    a_base = a + static_cast<int64_t>(row) * k_elems + 8 * a_ch;
+    a_src = a + static_cast<int64_t>(row) * k_elems + 8 * a_ch + kb0 * kBlockK;
     const int unit = n_idx * G::kUnitsTile + b_unit;
     b_ok = unit < units;
-    b_base = p.tiles + b_kbl0 * b_kb_stride + 32 * unit + lane;
+    b_src = p.tiles + (b_kbl0 + kb0) * b_kb_stride + 32 * unit + lane;
     const int n0 = n_idx * G::kNTile + s_col;
     s_ok = tid < G::kSChunks && n0 < p.n_pad;
-    s_base = p.scales + static_cast<int64_t>(s_kbl) * p.n_pad + n0;
+    s_src = p.scales + static_cast<int64_t>(s_kbl + kb0) * p.n_pad + n0;
   };
 
   int ld_col = t_begin / p.k_tiles;  // the next tile to fetch: column, k tile,
   int ld_kt = t_begin - ld_col * p.k_tiles;
   int ld_left = t_end - t_begin;     // and how many of the stripe remain
-  start_column(ld_col);
+  start_column(ld_col, ld_kt);
   auto fetch_tile = [&](int slot) {
     if (ld_left > 0) {
-      const int kb0 = ld_kt * G::kKbTile;
-      const int kb_left = p.kb_count - kb0;  // scale blocks of K from this tile on
+      const int kb_left = p.kb_count - ld_kt * G::kKbTile;  // scale blocks of K from this tile on
       uint4* const sa = pipe + slot * G::kStageChunks;
       uint4* const sb = sa + G::kAChunks;
       uint4* const ss = sb + G::kBChunks;
+      if (kb_left >= G::kKbTile) {  // the whole stage lies inside K (every tile but a last partial one)
 #pragma unroll
-      for (int i = 0; i < G::kAChunks / kThreads; ++i) {
-        const bool ok = i * kARowStep < a_rows_left && a_ch / 4 < kb_left;
-        const T* src = a_base + i * kARowStep * k_elems + kb0 * kBlockK;
-        ptx::CpAsync16ZeroFill(sa + a_dst0 + i * kThreads, ok ? src : a, ok);
-      }
+        for (int i = 0; i < G::kAChunks / kThreads; ++i)
+          if (i * kARowStep < a_rows_left)
+            ptx::CpAsync16ZeroFill(sa + a_dst0 + i * kThreads, a_src + i * a_chunk_stride, true);
+        if (b_ok) {
 #pragma unroll
-      for (int i = 0; i < G::kBChunks / kThreads; ++i) {
-        const bool ok = b_ok && b_kbl0 + i * kBKbStep < kb_left;
-        const uint4* src = b_base + (kb0 + i * kBKbStep) * b_kb_stride;
-        ptx::CpAsync16ZeroFillHint(sb + tid + i * kThreads, ok ? src : p.tiles, ok, policy);
-      }
-      if (tid < G::kSChunks) {
-        const bool ok = s_ok && s_kbl < kb_left;
-        const uint8_t* src = s_base + static_cast<int64_t>(kb0) * p.n_pad;
-        ptx::CpAsync16ZeroFillHint(ss + tid, ok ? src : p.scales, ok, policy);
+          for (int i = 0; i < G::kBChunks / kThreads; ++i)
+            ptx::CpAsync16ZeroFillHint(sb + tid + i * kThreads, b_src + i * b_chunk_stride, true, policy);
+        }
+        if (s_ok) ptx::CpAsync16ZeroFillHint(ss + tid, s_src, true, policy);
+      } else {  // scale blocks >= kb_left are zero-filled
+#pragma unroll
+        for (int i = 0; i < G::kAChunks / kThreads; ++i)
+          if (i * kARowStep < a_rows_left) {
+            const bool ok = a_ch / 4 < kb_left;
+            ptx::CpAsync16ZeroFill(sa + a_dst0 + i * kThreads, ok ? a_src + i * a_chunk_stride : a, ok);
+          }
+        if (b_ok) {
+#pragma unroll
+          for (int i = 0; i < G::kBChunks / kThreads; ++i) {
+            const bool ok = b_kbl0 + i * kBKbStep < kb_left;
+            ptx::CpAsync16ZeroFillHint(sb + tid + i * kThreads, ok ? b_src + i * b_chunk_stride : p.tiles,
+                                       ok, policy);
+          }
+        }
+        if (s_ok) {
+          const bool ok = s_kbl < kb_left;
+          ptx::CpAsync16ZeroFillHint(ss + tid, ok ? s_src : p.scales, ok, policy);
+        }
       }
       --ld_left;
       if (++ld_kt == p.k_tiles) {
         ld_kt = 0;
         ++ld_col;
-        if (ld_left > 0) start_column(ld_col);
+        if (ld_left > 0) start_column(ld_col, 0);
+      } else {
+        a_src += G::kKTile;
+        b_src += G::kKbTile * b_kb_stride;
+        s_src += static_cast<int64_t>(G::kKbTile) * p.n_pad;
       }
     }
     ptx::CpAsyncCommit();  // possibly empty: keeps one group per stage
@@ -200,42 +226,84 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
     for (int i = 0; i < G::kFrags; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
   };
 
-  auto compute_stage = [&](int slot) {
-    const uint4* const sa = pipe + slot * G::kStageChunks;
-    const uint4* const sb = sa + G::kAChunks;
-    const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
+  // ldmatrix source of this lane in a stage's A tile, per scale block of the
+  // warp (kw) and k16 half (s): the same in every stage, so it is computed
+  // once (the XOR swizzle makes it no affine function of kw or s).
+  //  * activations A (m16 token blocks): lanes 0-7 / 8-15 / 16-23 / 24-31
+  //    address rows 0-7 / 8-15 / 0-7 / 8-15 of m block 0 at k chunk 2s / 2s /
+  //    2s+1 / 2s+1 -> registers a[0..3] in mma order (see MmaM16N8K16); m
+  //    block mb adds 16 rows (row % 8 unchanged).
+  //  * weights A (8 tokens on the n8 side): lanes 8i..8i+7 address tokens
+  //    0-7 at k chunk i of the block -> registers {b0, b1} of k16 half 0,
+  //    then of half 1 (B[k][n] = A[token n][k]: a row of the A tile is a
+  //    column of B); s = 1 is unused.
+  int a_frag_chunk[G::kKbWarp][2];
 #pragma unroll
-    for (int kw = 0; kw < G::kKbWarp; ++kw) {
+  for (int kw = 0; kw < G::kKbWarp; ++kw)
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
       const int kbl = warp_k * G::kKbWarp + kw;
-      // A fragments of both k16 halves of this scale block. ldmatrix lanes
-      // 0-7 / 8-15 / 16-23 / 24-31 address rows 0-7 / 8-15 / 0-7 / 8-15 of
-      // the m16 block at k chunk 2s / 2s / 2s+1 / 2s+1 -> registers a[0..3]
-      // in mma order (see MmaM16N8K16).
-      uint32_t af[2][G::kMBlocks][4];
+      const int row = G::kWeightsA ? lane % 8 : lane % 16;
+      const int ch = G::kWeightsA ? kbl * 4 + lane / 8 : kbl * 4 + 2 * s + lane / 16;
+      a_frag_chunk[kw][s] = row * G::kARowChunks + (ch ^ (row % 8));
+    }
+
+  // mma.sync. Activations A: per n8 feature tile j of a unit, 2 k16 x
+  // m_blocks MMAs. Weights A: n8 feature tiles 2h and 2h + 1 of a unit form
+  // the m16 A fragment {b(2h)[k lo], b(2h+1)[k lo], b(2h)[k hi], b(2h+1)[k hi]}
+  // (rows g and g + 8, k pairs 2t and 2t + 8), so a unit takes 2 halves x 2
+  // k16 MMAs against the activations' n8 B fragment.
+  auto compute_stage = [&](int slot) {
+    if constexpr (!G::kWgmma) {  // (instantiated for the wgmma rows too, never called there)
+      const uint4* const sa = pipe + slot * G::kStageChunks;
+      const uint4* const sb = sa + G::kAChunks;
+      const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
 #pragma unroll
-      for (int s = 0; s < 2; ++s)
-#pragma unroll
-        for (int mb = 0; mb < G::kMBlocks; ++mb) {
-          const int row = mb * 16 + (lane % 16), ch = kbl * 4 + 2 * s + lane / 16;
-          ptx::LdMatrixX4(af[s][mb], sa + row * G::kARowChunks + (ch ^ (row % 8)));
-        }
-#pragma unroll
-      for (int u = 0; u < G::kUnitsWarp; ++u) {
-        const int ul = warp_n * G::kUnitsWarp + u;
-        const uint4 w = sb[(kbl * G::kUnitsTile + ul) * 32 + lane];       // LDS.128, lane-contiguous
-        const uint32_t sw = ss[(kbl * G::kNTile + ul * kUnitN) / 4 + g];  // 4 multiplier bytes
-        uint32_t mult[4];
-        BlockMultipliers<kD>(sw, mult);
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t b[4];
-          DequantWord<kD>(words[j], mult[j], b);
+      for (int kw = 0; kw < G::kKbWarp; ++kw) {
+        const int kbl = warp_k * G::kKbWarp + kw;
+        constexpr int kABlocks = G::kWeightsA ? 1 : G::kMBlocks;
+        uint32_t af[2][kABlocks][4];  // activation fragments of both k16 halves of this scale block
+        if constexpr (G::kWeightsA) {
+          ptx::LdMatrixX4(af[0][0], sa + a_frag_chunk[kw][0]);  // {half 0: b0 b1, half 1: b0 b1}
+        } else {
 #pragma unroll
           for (int s = 0; s < 2; ++s)
 #pragma unroll
             for (int mb = 0; mb < G::kMBlocks; ++mb)
-              ptx::MmaM16N8K16<T>(acc[mb * G::kN8Warp + 4 * u + j], af[s][mb], b[2 * s], b[2 * s + 1]);
+              ptx::LdMatrixX4(af[s][mb], sa + a_frag_chunk[kw][s] + mb * 16 * G::kARowChunks);
+        }
+#pragma unroll
+        for (int u = 0; u < G::kUnitsWarp; ++u) {
+          const int ul = warp_n * G::kUnitsWarp + u;
+          const uint4 w = sb[(kbl * G::kUnitsTile + ul) * 32 + lane];       // LDS.128, lane-contiguous
+          const uint32_t sw = ss[(kbl * G::kNTile + ul * kUnitN) / 4 + g];  // 4 multiplier bytes
+          uint32_t mult[4];
+          BlockMultipliers<kD>(sw, mult);
+          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+          if constexpr (G::kWeightsA) {
+            uint32_t bt[4][4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+              for (int s = 0; s < 2; ++s) {
+                const uint32_t fa[4] = {bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
+                                        bt[2 * h + 1][2 * s + 1]};
+                ptx::MmaM16N8K16<T>(acc[2 * u + h], fa, af[0][0][2 * s], af[0][0][2 * s + 1]);
+              }
+          } else {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+              uint32_t b[4];
+              DequantWord<kD>(words[j], mult[j], b);
+#pragma unroll
+              for (int s = 0; s < 2; ++s)
+#pragma unroll
+                for (int mb = 0; mb < G::kMBlocks; ++mb)
+                  ptx::MmaM16N8K16<T>(acc[mb * G::kN8Warp + 4 * u + j], af[s][mb], b[2 * s], b[2 * s + 1]);
+            }
+          }
         }
       }
     }
@@ -346,31 +414,34 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       }
     }
     // 3. C = F[n] * acc, rounded to T; rows >= m and columns >= n skipped.
-    if constexpr (G::kWgmma) {
-      // Half h, register pair r: feature unit * 32 + 8 (2h + r) + g; frag i:
-      // tokens 8i + 2t, 8i + 2t + 1 (WgmmaM64K16RS's D layout).
-      if (store) {
+    if constexpr (G::kWeightsA) {
+      // Unit u of the warp, half h, register pair r: feature unit * 32 +
+      // 8 (2h + r) + g; token tile i: tokens 8i + 2t, 8i + 2t + 1 (the D
+      // layout of mma.m16n8k16 and of WgmmaM64K16RS alike).
+      if (store && (G::kWarpsK == 1 || warp_k == 0)) {
         const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
         const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
         T* const c = static_cast<T*>(p.c);
-        const int unit = n_idx * G::kUnitsTile + warp;
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
+        for (int u = 0; u < G::kUnitsWarp; ++u)
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const int nf = unit * kUnitN + 8 * (2 * h + r) + g;
-            if (nf >= p.n) continue;
-            const float f = RowFactor(planes, p.n_pad, nf);
+          for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int i = 0; i < G::kTileM / 8; ++i)
+            for (int r = 0; r < 2; ++r) {
+              const int unit = n_idx * G::kUnitsTile + warp_n * G::kUnitsWarp + u;
+              const int nf = unit * kUnitN + 8 * (2 * h + r) + g;
+              if (nf >= p.n) continue;
+              const float f = RowFactor(planes, p.n_pad, nf);
 #pragma unroll
-              for (int e = 0; e < 2; ++e) {
-                const int row = m_chunk * G::kTileM + 8 * i + 2 * t + e;
-                if (row < p.m)
-                  c[static_cast<int64_t>(row) * p.n + nf] =
-                      ptx::FloatTo<T>(__fmul_rn(acc[h * (G::kTileM / 8) + i][2 * r + e], f));
-              }
-          }
+              for (int i = 0; i < G::kTileM / 8; ++i)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                  const int row = m_chunk * G::kTileM + 8 * i + 2 * t + e;
+                  if (row < p.m)
+                    c[static_cast<int64_t>(row) * p.n + nf] = ptx::FloatTo<T>(
+                        __fmul_rn(acc[(2 * u + h) * (G::kTileM / 8) + i][2 * r + e], f));
+                }
+            }
       }
     } else if (store && warp_k == 0) {
       const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
@@ -516,8 +587,9 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
              std::to_string(major) + "." + std::to_string(minor);
   }
   Plan plan;
-  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan))
-    return "jax_mxfp4 marlin: cannot plan M=" + std::to_string(args.m);
+  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config))
+    return "jax_mxfp4 marlin: cannot plan M=" + std::to_string(args.m) +
+           (args.tile_config ? std::string(" with tile config ") + args.tile_config : std::string());
   const int64_t need = plan.counter_bytes + plan.partial_bytes;
   if (args.workspace_bytes < need || (need > 0 && args.workspace == nullptr))
     return "jax_mxfp4 marlin: workspace has " + std::to_string(args.workspace_bytes) +

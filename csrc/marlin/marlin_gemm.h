@@ -31,7 +31,11 @@ std::string MarlinCanImplement(int64_t n, int64_t k);
 // needs no cross-CTA reduction. Returns -1 for an unsupported shape.
 // `use_wgmma` selects the Hopper (sm_90a, wgmma) tile configurations for
 // M > 32; it must match MarlinGemmArgs::use_wgmma.
-int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma);
+// `tile_config` (nullptr: the planner's choice by M) forces a row of the tile
+// table by name (marlin_tiles.h), for the self-test's side-by-side timing of
+// configurations; it must match MarlinGemmArgs::tile_config.
+int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
+                             const char* tile_config = nullptr);
 
 // Number of SMs of CUDA device `device`, queried once per device and cached
 // (thread-safe). Returns 0 if the query fails.
@@ -39,7 +43,8 @@ int MarlinDeviceSmCount(int device);
 
 // Human-readable launch plan ("cfg=small m16xn128xk256 grid=128 iters=16
 // split=yes ..."), for benchmarks and the self-test.
-std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma);
+std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
+                               const char* tile_config = nullptr);
 
 struct MarlinGemmArgs {
   const void* a;          // [m, k] activations, row-major, dtype `dtype`
@@ -52,6 +57,7 @@ struct MarlinGemmArgs {
   InputDType dtype;       // kBF16 or kF16 (the dtype the weights were prepared for)
   int sm_count;           // as passed to MarlinWorkspaceBytes
   bool use_wgmma;         // as passed to MarlinWorkspaceBytes; only on compute capability 9.0
+  const char* tile_config = nullptr;  // as passed to MarlinWorkspaceBytes (nullptr: by M)
 };
 
 // Enqueue the GEMM on `stream` (asynchronous; no host synchronization, no

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdio>
+#include <cstring>
 #include <string>
 
 #include "marlin_gemm.h"
@@ -26,15 +27,23 @@ int SelectConfig(int64_t m, bool wgmma) {
   return -1;
 }
 
+int ConfigByName(const char* name, bool wgmma) {
+  for (int i = 0; i < kNumTileConfigs; ++i)
+    if (std::strcmp(kTileConfigs[i].name, name) == 0)
+      return kTileConfigs[i].path == MmaPath::kWgmma && !wgmma ? -1 : i;
+  return -1;
+}
+
 }  // namespace
 
-bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan) {
+bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan,
+              const char* tile_config) {
   if (m < 1 || !MarlinCanImplement(n, k).empty() || sm_count < 1) return false;
   Plan p;
-  p.cfg = SelectConfig(m, wgmma);
+  p.cfg = tile_config ? ConfigByName(tile_config, wgmma) : SelectConfig(m, wgmma);
   if (p.cfg < 0) return false;
   const TileConfig& c = kTileConfigs[p.cfg];
-  const int64_t m_chunks = CeilDiv(m, 16 * c.m_blocks);
+  const int64_t m_chunks = CeilDiv(m, c.tile_m);
   const int64_t n_tiles = CeilDiv(n, c.n_tile);
   const int64_t k_tiles = CeilDiv(k / kBlockK, c.k_tile / kBlockK);
   const int64_t n_cols = m_chunks * n_tiles;
@@ -58,7 +67,7 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   p.split = grid > 1 && iters % k_tiles != 0;
   if (p.split) {
     p.counter_bytes = RoundUp(4 * n_cols, 256);
-    p.partial_bytes = 2 * grid * 16 * c.m_blocks * c.n_tile * static_cast<int64_t>(sizeof(float));
+    p.partial_bytes = 2 * grid * c.tile_m * c.n_tile * static_cast<int64_t>(sizeof(float));
   }
   *plan = p;
   return true;
@@ -80,21 +89,23 @@ std::string MarlinCanImplement(int64_t n, int64_t k) {
   return "";
 }
 
-int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
+int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
+                             const char* tile_config) {
   if (m == 0 && MarlinCanImplement(n, k).empty()) return 0;
   Plan plan;
-  if (!MakePlan(m, n, k, sm_count, use_wgmma, &plan)) return -1;
+  if (!MakePlan(m, n, k, sm_count, use_wgmma, &plan, tile_config)) return -1;
   return plan.counter_bytes + plan.partial_bytes;
 }
 
-std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma) {
+std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
+                               const char* tile_config) {
   Plan p;
-  if (!MakePlan(m, n, k, sm_count, use_wgmma, &p)) return "unsupported";
+  if (!MakePlan(m, n, k, sm_count, use_wgmma, &p, tile_config)) return "unsupported";
   const TileConfig& c = kTileConfigs[p.cfg];
   char buf[256];
   std::snprintf(buf, sizeof(buf),
                 "%s m%dxn%dxk%d grid=%d iters=%d cols=%d k_tiles=%d split=%s ws=%lld",
-                c.name, 16 * c.m_blocks, c.n_tile, c.k_tile, p.grid, p.iters, p.n_cols,
+                c.name, c.tile_m, c.n_tile, c.k_tile, p.grid, p.iters, p.n_cols,
                 p.k_tiles, p.split ? "yes" : "no",
                 static_cast<long long>(p.counter_bytes + p.partial_bytes));
   return buf;

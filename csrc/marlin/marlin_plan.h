@@ -20,8 +20,11 @@ struct Plan {
 
 // The one function that turns (m, n, k, sm_count, wgmma) into a launch; used
 // by MarlinWorkspaceBytes at trace time and by MarlinGemm at run time. False
-// for an unsupported shape (MarlinCanImplement) or m < 1 or sm_count < 1.
-bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan);
+// for an unsupported shape (MarlinCanImplement) or m < 1 or sm_count < 1, and
+// for a `tile_config` (a row name forced instead of the choice by M) that is
+// not in the table or is a wgmma row without `wgmma`.
+bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan,
+              const char* tile_config = nullptr);
 
 }  // namespace marlin
 }  // namespace jax_mxfp4

@@ -16,7 +16,9 @@
 //   compute-sanitizer --tool racecheck ./marlin_selftest --quick
 // Options: --dtype bf16|f16, --sms N (plan for N SMs, e.g. 2x the SM count to
 // run 2 CTAs per SM), --reps N, --no-timing, --shape NxK and --m M (repeatable;
-// replace the default grid, e.g. for a single case under ncu).
+// replace the default grid, e.g. for a single case under ncu), --mma-sync (no
+// wgmma rows on Hopper), --config NAME (force one row of the tile table, e.g.
+// `--config small --m 8` against the default small8: the data behind max_m).
 // Exit status: 0 all PASS, 1 any FAIL or CUDA error, 2 no usable GPU.
 //
 // Correctness criterion, per case: ||C - ref||_F / ||ref||_F <= bound, with
@@ -233,6 +235,8 @@ struct Options {
   std::vector<int> ms;                      // --m M (repeatable): replaces the M list
   bool use_wgmma = false;                   // set from the device (9.0) unless --mma-sync
   bool force_mma_sync = false;
+  std::string tile_config;                  // --config NAME: force a tile-table row ("": by M)
+  const char* TileConfig() const { return tile_config.empty() ? nullptr : tile_config.c_str(); }
 };
 
 struct Result {
@@ -243,7 +247,7 @@ struct Result {
 };
 
 std::string RunMarlin(const void* a, const Prepared& prep, int copy, void* c, DeviceBuffer<uint8_t>& ws,
-                      int m, const Weight& w, InputDType dt, int sms, bool use_wgmma, cudaStream_t stream) {
+                      int m, const Weight& w, InputDType dt, int sms, const Options& opt, cudaStream_t stream) {
   marlin::MarlinGemmArgs args{};
   args.a = a;
   args.tiles = prep.Tiles(copy);
@@ -252,7 +256,8 @@ std::string RunMarlin(const void* a, const Prepared& prep, int copy, void* c, De
   args.workspace = ws.ptr;
   args.workspace_bytes = static_cast<int64_t>(ws.bytes());
   args.m = m, args.n = w.n, args.k = w.k, args.dtype = dt, args.sm_count = sms;
-  args.use_wgmma = use_wgmma;
+  args.use_wgmma = opt.use_wgmma;
+  args.tile_config = opt.TileConfig();
   return marlin::MarlinGemm(args, stream);
 }
 
@@ -271,7 +276,7 @@ Result RunCase(const Weight& w, const Prepared& prep, InputDType dt, int m, int 
   DeviceBuffer<uint16_t> d_a(a_bits.size()), d_c(static_cast<size_t>(m) * n);
   DeviceBuffer<float> d_af(a_bits.size()), d_ref(static_cast<size_t>(m) * n);
   CHECK_CUDA(cudaMemcpy(d_a.ptr, a_bits.data(), d_a.bytes(), cudaMemcpyHostToDevice));
-  const int64_t ws_bytes = marlin::MarlinWorkspaceBytes(m, n, k, sms, opt.use_wgmma);
+  const int64_t ws_bytes = marlin::MarlinWorkspaceBytes(m, n, k, sms, opt.use_wgmma, opt.TileConfig());
   if (ws_bytes < 0) {
     std::printf("  MarlinWorkspaceBytes refused m=%d n=%d k=%d\n", m, n, k);
     return res;
@@ -294,7 +299,7 @@ Result RunCase(const Weight& w, const Prepared& prep, InputDType dt, int m, int 
 
   // Kernel under test, on a poisoned output.
   CHECK_CUDA(cudaMemsetAsync(d_c.ptr, 0xFF, d_c.bytes(), stream));
-  const std::string err = RunMarlin(d_a.ptr, prep, 0, d_c.ptr, ws, m, w, dt, sms, opt.use_wgmma, stream);
+  const std::string err = RunMarlin(d_a.ptr, prep, 0, d_c.ptr, ws, m, w, dt, sms, opt, stream);
   if (!err.empty()) {
     std::printf("  MarlinGemm failed: %s\n", err.c_str());
     return res;
@@ -352,14 +357,14 @@ Result RunCase(const Weight& w, const Prepared& prep, InputDType dt, int m, int 
   const int copies = prep.copies;
   const int reps = opt.reps > 0 ? opt.reps : (w.n * static_cast<double>(w.k) * m > 1e11 ? 20 : 100);
   for (int i = 0; i < 3; ++i) {
-    const std::string e = RunMarlin(d_a.ptr, prep, i % copies, d_c.ptr, ws, m, w, dt, sms, opt.use_wgmma, stream);
+    const std::string e = RunMarlin(d_a.ptr, prep, i % copies, d_c.ptr, ws, m, w, dt, sms, opt, stream);
     if (!e.empty()) std::printf("  %s\n", e.c_str()), std::exit(1);
   }
   std::vector<cudaEvent_t> ev(2 * reps);
   for (auto& e : ev) CHECK_CUDA(cudaEventCreate(&e));
   for (int i = 0; i < reps; ++i) {
     CHECK_CUDA(cudaEventRecord(ev[2 * i], stream));
-    const std::string e = RunMarlin(d_a.ptr, prep, i % copies, d_c.ptr, ws, m, w, dt, sms, opt.use_wgmma, stream);
+    const std::string e = RunMarlin(d_a.ptr, prep, i % copies, d_c.ptr, ws, m, w, dt, sms, opt, stream);
     if (!e.empty()) std::printf("  %s\n", e.c_str()), std::exit(1);
     CHECK_CUDA(cudaEventRecord(ev[2 * i + 1], stream));
   }
@@ -431,6 +436,7 @@ int main(int argc, char** argv) {
     const std::string a = argv[i];
     if (a == "--quick") opt.quick = true, opt.timing = false;
     else if (a == "--mma-sync") opt.force_mma_sync = true;
+    else if (a == "--config" && i + 1 < argc) opt.tile_config = argv[++i];
     else if (a == "--no-timing") opt.timing = false;
     else if (a == "--sms" && i + 1 < argc) opt.sms_override = std::atoi(argv[++i]);
     else if (a == "--reps" && i + 1 < argc) opt.reps = std::atoi(argv[++i]);
@@ -448,7 +454,7 @@ int main(int argc, char** argv) {
       opt.ms.push_back(std::atoi(argv[++i]));
     } else {
       std::printf("usage: %s [--quick] [--no-timing] [--sms N] [--reps N] [--dtype bf16|f16]\n"
-                  "          [--shape NxK]... [--m M]... [--mma-sync]\n", argv[0]);
+                  "          [--shape NxK]... [--m M]... [--mma-sync] [--config NAME]\n", argv[0]);
       return 2;
     }
   }
@@ -521,7 +527,7 @@ int main(int argc, char** argv) {
                         r.tflops, r.cublas_us);
           else
             std::printf(" %9s %8s %6s %7s %9s |", "-", "-", "-", "-", "-");
-          std::printf(" %s%s%s\n", marlin::MarlinDescribePlan(m, sh.n, sh.k, s, opt.use_wgmma).c_str(),
+          std::printf(" %s%s%s\n", marlin::MarlinDescribePlan(m, sh.n, sh.k, s, opt.use_wgmma, opt.TileConfig()).c_str(),
                       opt.timing && prep.l2_resident ? " [weights L2-resident]" : "",
                       r.nan_bad ? (" nan_bad=" + std::to_string(r.nan_bad)).c_str() : "");
         }

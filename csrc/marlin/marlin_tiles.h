@@ -21,7 +21,7 @@ enum class MmaPath {
 
 struct TileConfig {
   const char* name;
-  int m_blocks;  // m16 blocks per column: tile_m = 16 * m_blocks rows of A/C
+  int tile_m;    // tokens (rows of A / C) per column: 8, or a multiple of 16
   int n_tile;    // output features per column (multiple of 32 * warps_n)
   int k_tile;    // k per pipeline stage (multiple of 32 * warps_k)
   int warps_n;   // warps side by side along N
@@ -34,6 +34,15 @@ struct TileConfig {
 // Why these numbers (NOTES.md has the arithmetic):
 //  * 256 threads = 8 warps: 2 per SM sub-partition for latency hiding while
 //    each thread keeps up to ~200 registers (1 CTA per SM).
+//  * small8: M <= 8, tokens on the MMA's n8 side: the dequantized weights
+//    are mma.sync's A operand (an m16 slice = two n8 tiles' B fragments,
+//    register for register, as for wgmma below) and the activations its B
+//    operand (one ldmatrix.x4 = both k16 halves of a scale block), so a
+//    32-feature unit costs 4 mma.m16n8k16 per scale block instead of 8.
+//    Measured (H200, compute alone, the weights' loads removed): halving
+//    the MMAs of `small` cut 8192x28672 from 57 to 39 us: at M <= 16 the
+//    kernel is bound by its mma.sync chain, not by bytes in flight (7
+//    stages in flight instead of 3 changed nothing) nor by issue slots.
 //  * small: M <= 16 is weight-bandwidth bound. 16 KB of weights per stage and
 //    3 stages in flight = 48 KB per SM, twice what Little's law asks for HBM3
 //    (3 TB/s x ~1 us / 132 SMs ~ 23 KB). n_tile 128 keeps N/n_tile columns
@@ -54,12 +63,13 @@ struct TileConfig {
 //    of dequantization per warp (4 words), which therefore hide under the
 //    asynchronous MMA.
 constexpr TileConfig kTileConfigs[] = {
-    // name      m_blk n_tile k_tile w_n w_k stages max_m    path
-    {"small", 1, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
-    {"medium", 2, 128, 256, 4, 2, 4, 32, MmaPath::kAny},
-    {"large", 4, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
-    {"wgmma64", 4, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},  // M = 33..64 on SM90
-    {"wgmma128", 8, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
+    // name    tile_m n_tile k_tile w_n w_k stages max_m    path
+    {"small8", 8, 128, 256, 4, 2, 4, 8, MmaPath::kAny},
+    {"small", 16, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
+    {"medium", 32, 128, 256, 4, 2, 4, 32, MmaPath::kAny},
+    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
+    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},  // M = 33..64 on SM90
+    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
 constexpr int kThreads = 256;
@@ -69,20 +79,27 @@ constexpr int kThreads = 256;
 // lambdas may read these without capturing anything).
 template <int kCfg>
 struct Geometry {
-  static constexpr int kMBlocks = kTileConfigs[kCfg].m_blocks;
   static constexpr int kNTile = kTileConfigs[kCfg].n_tile;
   static constexpr int kKTile = kTileConfigs[kCfg].k_tile;
   static constexpr int kWarpsN = kTileConfigs[kCfg].warps_n;
   static constexpr int kWarpsK = kTileConfigs[kCfg].warps_k;
   static constexpr int kStages = kTileConfigs[kCfg].stages;
   static constexpr bool kWgmma = kTileConfigs[kCfg].path == MmaPath::kWgmma;
-  static constexpr int kTileM = 16 * kMBlocks;          // rows of A / C per column
+  static constexpr int kTileM = kTileConfigs[kCfg].tile_m;  // rows of A / C per column
+  // Which operand is the MMA's A (its m16 / m64 side). Activations (m16
+  // blocks of tokens) for the mma.sync rows with tile_m >= 16; the
+  // dequantized weights for wgmma and for a token tile of 8, which then
+  // sits on the MMA's n8 side.
+  static constexpr bool kWeightsA = kWgmma || kTileM < 16;
+  static constexpr int kMBlocks = kWeightsA ? 0 : kTileM / 16;  // m16 token blocks (activations A)
   static constexpr int kKbTile = kKTile / kBlockK;      // scale blocks per stage
   static constexpr int kUnitsTile = kNTile / kUnitN;    // units across the CTA tile
   static constexpr int kUnitsWarp = kUnitsTile / kWarpsN;
   static constexpr int kKbWarp = kKbTile / kWarpsK;     // scale blocks per warp per stage
   static constexpr int kN8Warp = 4 * kUnitsWarp;        // n8 tiles per warp
-  static constexpr int kFrags = kMBlocks * kN8Warp;     // accumulators per thread
+  // Accumulators per thread: activations A: m16 token blocks x n8 feature
+  // tiles; weights A: per unit two m16 feature slices x n8 token tiles.
+  static constexpr int kFrags = kWeightsA ? kUnitsWarp * 2 * (kTileM / 8) : kMBlocks * kN8Warp;
   // Shared memory, in 16-byte chunks.
   static constexpr int kARowChunks = kKTile / 8;        // per A row of a stage
   static constexpr int kAChunks = kTileM * kARowChunks; // A: tile_m x k_tile, 16-bit
@@ -110,6 +127,9 @@ struct Geometry {
       kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
       (kThreads / 32) % kUnitsTile == 0 &&     // fixed warp -> B unit
       kBChunks % kThreads == 0 && kSChunks <= kThreads && kStages >= 2 + kLag &&
+      (kWeightsA || kTileM % 16 == 0) &&
+      // mma.sync with weights A: one n8 token tile, read by one ldmatrix.x4.
+      (kWgmma || !kWeightsA || kTileM == 8) &&
       kSmemBytes <= 160 * 1024 &&  // fits SM80 (163 KB opt-in) and SM90 (227 KB)
       // wgmma: one warp per unit, warpgroup = two m64 halves, A row = one
       // 128-byte swizzle row, m64 x kTileM x k16 with kTileM in {64, 128}.
