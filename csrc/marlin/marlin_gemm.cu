@@ -1,4 +1,4 @@
-// Marlin-style W4A16 GEMM for MXFP4 weights (SM80 / SM90, mma.sync).
+// Marlin-style W4A16 GEMM for MXFP4 weights (SM80 / SM90: mma.sync; sm_90a also wgmma).
 //
 //   C[M, N] = A[M, K] @ dequant(W)^T       A, C: bf16 or fp16; fp32 accumulation
 //
@@ -28,6 +28,11 @@
 //     column are reduced in shared memory before the cross-CTA step.
 //   * A: ldmatrix.x4 from an XOR-swizzled shared tile (conflict-free).
 //   * B: LDS.128 of the lane's 16 bytes, dequant in registers, mma.sync.
+//   * Operand roles (Geometry::kWeightsA): the activations are the MMA's A
+//     operand (m16 token blocks) except in small8 (8 tokens on the n8 side,
+//     the dequantized weights as A: half the MMAs at M <= 8) and in the
+//     wgmma rows (sm_90a: weights = register A of wgmma.mma_async,
+//     activations = its shared-memory B).
 //
 // Glossary of index names (all counts, not bytes, unless named *_bytes):
 //   tile_m                 rows of A / C (tokens) per column: 8 or 16 m_blocks
