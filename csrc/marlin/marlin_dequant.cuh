@@ -84,6 +84,29 @@ __device__ __forceinline__ void DequantWord(uint32_t w, uint32_t mult, uint32_t 
   b[3] = Mul2<kD>(ExtractRegister<kD, 3>(w), mult);
 }
 
+// A lane's 16 bytes of a unit (word j = n8 tile j) and its 4 multiplier bytes
+// -> the scaled B registers of all four n8 tiles (bt[j] as DequantWord).
+template <InputDType kD>
+__device__ __forceinline__ void DequantUnit(uint4 w, uint32_t sw, uint32_t (&bt)[4][4]) {
+  uint32_t mult[4];
+  BlockMultipliers<kD>(sw, mult);
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
+}
+
+// Where the weights are the MMA's A operand (mma.sync small8, wgmma): the m16
+// A fragment of features 16h..16h+15 at k16 step s. n8 tiles 2h and 2h + 1 are
+// rows g and g + 8, and a tile's B registers {k 2t.., k 2t+8..} are the A
+// registers {a0 | a2} (tile 2h) and {a1 | a3} (tile 2h + 1).
+__device__ __forceinline__ void WeightsAFragment(const uint32_t (&bt)[4][4], int h, int s,
+                                                 uint32_t (&fa)[4]) {
+  fa[0] = bt[2 * h][2 * s];
+  fa[1] = bt[2 * h + 1][2 * s];
+  fa[2] = bt[2 * h][2 * s + 1];
+  fa[3] = bt[2 * h + 1][2 * s + 1];
+}
+
 // float32 row factor F[n] from its 4 byte planes (marlin_layout.h, Output 2).
 __device__ __forceinline__ float RowFactor(const uint8_t* planes, int n_pad, int n) {
   const uint32_t bits = static_cast<uint32_t>(planes[n]) |

@@ -282,22 +282,21 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
           const int ul = warp_n * G::kUnitsWarp + u;
           const uint4 w = sb[(kbl * G::kUnitsTile + ul) * 32 + lane];       // LDS.128, lane-contiguous
           const uint32_t sw = ss[(kbl * G::kNTile + ul * kUnitN) / 4 + g];  // 4 multiplier bytes
-          uint32_t mult[4];
-          BlockMultipliers<kD>(sw, mult);
-          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
           if constexpr (G::kWeightsA) {
             uint32_t bt[4][4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
+            DequantUnit<kD>(w, sw, bt);
 #pragma unroll
             for (int h = 0; h < 2; ++h)
 #pragma unroll
               for (int s = 0; s < 2; ++s) {
-                const uint32_t fa[4] = {bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
-                                        bt[2 * h + 1][2 * s + 1]};
+                uint32_t fa[4];
+                WeightsAFragment(bt, h, s, fa);
                 ptx::MmaM16N8K16<T>(acc[2 * u + h], fa, af[0][0][2 * s], af[0][0][2 * s + 1]);
               }
           } else {
+            uint32_t mult[4];
+            BlockMultipliers<kD>(sw, mult);
+            const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
               uint32_t b[4];
@@ -330,20 +329,16 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       for (int kbl = 0; kbl < G::kKbTile; ++kbl) {
         const uint4 w = sb[(kbl * G::kUnitsTile + warp) * 32 + lane];        // LDS.128
         const uint32_t sw = ss[(kbl * G::kNTile + warp * kUnitN) / 4 + g];  // 4 multiplier bytes
-        uint32_t mult[4];
-        BlockMultipliers<kD>(sw, mult);
-        const uint32_t words[4] = {w.x, w.y, w.z, w.w};
         uint32_t bt[4][4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) DequantWord<kD>(words[j], mult[j], bt[j]);
+        DequantUnit<kD>(w, sw, bt);
         ptx::WgmmaWait<1>();
         ptx::WgmmaFence();
 #pragma unroll
         for (int s = 0; s < 2; ++s)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const uint32_t fa[4] = {bt[2 * h][2 * s], bt[2 * h + 1][2 * s], bt[2 * h][2 * s + 1],
-                                    bt[2 * h + 1][2 * s + 1]};
+            uint32_t fa[4];
+            WeightsAFragment(bt, h, s, fa);
             // k16 step 2 kbl + s = 32 bytes into each 128-byte swizzled row.
             ptx::WgmmaM64K16RS<T, G::kTileM>(
                 reinterpret_cast<float(&)[G::kTileM / 2]>(acc[h * (G::kTileM / 8)]), fa,
