@@ -290,6 +290,11 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
 // Pins a register for the compiler (no instruction): accumulators of an
 // in-flight wgmma must not be moved across the wait by the optimizer.
 __device__ __forceinline__ void RegisterFence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+// The same for a wgmma A-fragment register: its value (and so its physical
+// register) stays alive up to here, after the wait that retired the wgmma
+// reading it, so ptxas cannot give the register to a newer value while the
+// asynchronous MMA may still read it.
+__device__ __forceinline__ void RegisterFence(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
 // Shared-memory matrix descriptor for a K-major operand stored in the
 // 128-byte swizzle layout: rows of 128 bytes (64 16-bit elements of K), the

@@ -317,11 +317,26 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   // into the A fragments of both m64 halves of its warpgroup. Half h takes
   // n8 tiles 2h (rows g of the warp's m16 slice) and 2h + 1 (rows g + 8):
   // the tiles' B registers {k 2t.., k 2t+8..} are the A registers
-  // {a0 | a2} and {a1 | a3}. One wgmma group per scale block; the next
-  // block's dequantization runs while it executes (at most one group in
-  // flight when fragments are rewritten).
+  // {a0 | a2} and {a1 | a3}. One wgmma group per scale block, at most two in
+  // flight: block j waits for group j - 2, then dequantizes while group j - 1
+  // runs. Group j's fragments stay in wg_frag[j % 2] (k_tile = 2 blocks:
+  // j % 2 = kbl) until the wait that retires it. PTX makes touching a
+  // register an in-flight wgmma reads undefined, and ptxas, which takes the
+  // wgmma instruction for the value's last use, did reuse those registers for
+  // the next block's dequantization before the wait (seen in the SASS;
+  // corrupted fp16 results once nothing else delayed the warps).
+  [[maybe_unused]] uint32_t wg_frag[2][2][2][4] = {};  // [block % 2][k16 step s][half h][register]
+  auto fence_fragments = [&](int buf) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) ptx::RegisterFence(wg_frag[buf][s][h][e]);
+  };
   auto compute_stage_wgmma = [&](int slot) {
     if constexpr (G::kWgmma) {  // (instantiated for the mma.sync rows too, never called there)
+      static_assert(G::kKbTile == 2, "wg_frag is indexed by the scale block's parity");
       const uint4* const sa = pipe + slot * G::kStageChunks;
       const uint4* const sb = sa + G::kAChunks;
       const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
@@ -329,15 +344,16 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       for (int kbl = 0; kbl < G::kKbTile; ++kbl) {
         const uint4 w = sb[(kbl * G::kUnitsTile + warp) * 32 + lane];        // LDS.128
         const uint32_t sw = ss[(kbl * G::kNTile + warp * kUnitN) / 4 + g];  // 4 multiplier bytes
+        ptx::WgmmaWait<1>();
+        fence_fragments(kbl);  // group j - 2, which read wg_frag[kbl], is done
         uint32_t bt[4][4];
         DequantUnit<kD>(w, sw, bt);
-        ptx::WgmmaWait<1>();
         ptx::WgmmaFence();
 #pragma unroll
         for (int s = 0; s < 2; ++s)
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            uint32_t fa[4];
+            uint32_t(&fa)[4] = wg_frag[kbl][s][h];
             WeightsAFragment(bt, h, s, fa);
             // k16 step 2 kbl + s = 32 bytes into each 128-byte swizzled row.
             ptx::WgmmaM64K16RS<T, G::kTileM>(
@@ -358,6 +374,8 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   auto finish_column = [&](int col) {
     if constexpr (G::kWgmma) {  // the accumulators are final once no wgmma is in flight
       ptx::WgmmaWait<0>();
+      fence_fragments(0);
+      fence_fragments(1);
 #pragma unroll
       for (int i = 0; i < G::kFrags; ++i)
 #pragma unroll
