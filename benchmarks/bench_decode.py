@@ -292,6 +292,10 @@ def finite_check(out) -> dict:
 
 # ---------------------------------------------------------------------------
 
+# The results plot (render.plot_result arguments); report.py re-draws it after a merge.
+PLOT = {"x": "batch", "panels": ["layers", "cache_len"], "field": "wall", "ylabel": "step time, wall (us)"}
+
+
 def postprocess(res: dict) -> dict:
     for c in res["cases"]:
         c["ratios"] = {}
@@ -413,8 +417,7 @@ def main(argv=None) -> int:
             jax.clear_caches()
             H.checkpoint(result, args, postprocess)
     return H.conclude(result, args, t_start, name="decode", postprocess=postprocess,
-                      plot={"x": "batch", "panels": ["layers", "cache_len"], "field": "wall",
-                            "ylabel": "step time, wall (us)"},
+                      plot=PLOT,
                       failed=lambda r: bool(r["errors"]))
 
 

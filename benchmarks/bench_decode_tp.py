@@ -200,6 +200,10 @@ def make_tp_step(cfg: D.Config, variant: str, mesh):
 
 # ---------------------------------------------------------------------------
 
+# The results plot (render.plot_result arguments); report.py re-draws it after a merge.
+PLOT = {"x": "batch", "panels": ["layers", "cache_len"], "field": "wall", "ylabel": "step time, wall (us)"}
+
+
 def postprocess(res: dict) -> dict:
     import re
 
@@ -335,8 +339,7 @@ def main(argv=None) -> int:
                 jax.clear_caches()
                 H.checkpoint(result, args, postprocess)
     return H.conclude(result, args, t_start, name="decode_tp", postprocess=postprocess,
-                      plot={"x": "batch", "panels": ["layers", "cache_len"], "field": "wall",
-                            "ylabel": "step time, wall (us)"},
+                      plot=PLOT,
                       failed=lambda r: bool(r["errors"]) or any(t["status"] == "MISS" for t in r["targets"]))
 
 

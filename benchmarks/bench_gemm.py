@@ -346,6 +346,10 @@ def ours_impls(res: dict) -> list[str]:
     return sorted({c["impl"] for c in res["cases"] if c.get("role") == "ours"})
 
 
+# The results plot (render.plot_result arguments); report.py re-draws it after a merge.
+PLOT = {"x": "M", "panels": ["K", "N"], "field": "device"}
+
+
 def postprocess(res: dict) -> dict:
     cb = res.get("copy_bandwidth") or {}
     copy_gbps = cb.get("device_gbps") or cb.get("wall_gbps")
@@ -523,7 +527,7 @@ def main(argv=None) -> int:
                 H.log(f"  - {msg}")
 
     return H.conclude(result, args, t_start, name="gemm", postprocess=postprocess,
-                      plot={"x": "M", "panels": ["K", "N"], "field": "device"}, after_finish=list_skipped)
+                      plot=PLOT, after_finish=list_skipped)
 
 
 if __name__ == "__main__":

@@ -124,6 +124,10 @@ def build_cases(k: int, ms, layouts, roundings, s: H.Settings, args, seed: int):
     return cases
 
 
+# The results plot (render.plot_result arguments); report.py re-draws it after a merge.
+PLOT = {"x": "M", "panels": ["K", "layout"], "field": "device"}
+
+
 def postprocess(res: dict) -> dict:
     """Metrics, ratios and targets from the cases (pure; runs again after a merge)."""
     cb = res.get("copy_bandwidth") or {}
@@ -236,7 +240,7 @@ def main(argv=None) -> int:
             H.record_cases(result, cases, describe)
             del cases
     return H.conclude(result, args, t_start, name="quantize", postprocess=postprocess,
-                      plot={"x": "M", "panels": ["K", "layout"], "field": "device"})
+                      plot=PLOT)
 
 
 if __name__ == "__main__":

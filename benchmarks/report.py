@@ -26,6 +26,7 @@ import shutil
 import sys
 
 from benchmarks import harness as H
+from benchmarks.render import plot_result
 
 START = "<!-- perf-table:start -->"
 END = "<!-- perf-table:end -->"
@@ -116,8 +117,9 @@ def replace_section(text: str, section: str) -> str:
     return text[:i] + section + text[j + len(END):]
 
 
-def postprocessor(benchmark: str):
-    """The benchmark's pure ratios/metrics/targets function (re-run after a merge)."""
+def bench_module(benchmark: str):
+    """The benchmark's module: its pure ratios/metrics/targets function
+    ``postprocess`` and its plot arguments ``PLOT`` (both re-run after a merge)."""
     base = benchmark.split("-")[0]
     if base == "decode_tp":
         from benchmarks import bench_decode_tp as m
@@ -129,7 +131,7 @@ def postprocessor(benchmark: str):
         from benchmarks import bench_decode as m
     else:
         return None
-    return m.postprocess
+    return m
 
 
 def import_results(src_dir: str, results_dir: str, merge: bool = False) -> list[str]:
@@ -139,8 +141,8 @@ def import_results(src_dir: str, results_dir: str, merge: bool = False) -> list[
     (the device copy of the tree had no .git) gets the local HEAD, marked as
     filled in at import. With ``merge``, the cases of the existing file that
     the imported run did not measure are kept (e.g. a GEMM sweep split over
-    two device calls) and ratios/targets are recomputed; the PNG is then the
-    imported run's.
+    two device calls) and ratios/targets are recomputed and the PNG is drawn
+    again from the merged cases.
     """
     copied = []
     paths = sorted(glob.glob(os.path.join(src_dir, "*.json")))
@@ -160,10 +162,15 @@ def import_results(src_dir: str, results_dir: str, merge: bool = False) -> list[
         dst = os.path.join(results_dir, H.result_filename(r))
         if merge and os.path.exists(dst):
             r = H.merge_results(H.load_result(dst), r)
-            post = postprocessor(r["benchmark"])
-            if post:
-                r = post(r)
+            module = bench_module(r["benchmark"])
+            if module is not None:
+                r = module.postprocess(r)
             print(f"merged {p} into {dst}: {len(r['cases'])} cases")
+            H.write_json(r, dst)
+            copied.append(dst)
+            if module is not None and plot_result(r, dst[: -len(".json")] + ".png", **module.PLOT):
+                copied.append(dst[: -len(".json")] + ".png")
+            continue
         H.write_json(r, dst)
         copied.append(dst)
         png = p[: -len(".json")] + ".png"

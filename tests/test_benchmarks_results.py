@@ -223,3 +223,5 @@ def test_report_import(tmp_path, monkeypatch):
     merged = H.load_result(str(dst / "gemm-nvidia-h100-80gb-hbm3.json"))
     assert len(merged["cases"]) == 3
     assert any(t["name"] == "M <= 16: >= 3.3x bf16" and t["status"] == "PASS" for t in merged["targets"])
+    # The plot is drawn again from the merged cases, not the placeholder copied from the first run.
+    assert (dst / "gemm-nvidia-h100-80gb-hbm3.png").read_bytes()[:4] == b"\x89PNG"

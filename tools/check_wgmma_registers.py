@@ -23,16 +23,22 @@ import sys
 
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 FUNC = re.compile(r"Function : (\S+)")
+ARCH = re.compile(r"code for (sm_\w+)")
 REG = re.compile(r"^R(\d+)$")
 
 
 def parse_functions(text):
-    """{mangled name: [(address, instruction text)]} from cuobjdump -sass output."""
-    funcs, cur = {}, None
+    """{"arch:mangled name": [(address, instruction text)]} from cuobjdump -sass output
+    (a fat binary holds each kernel once per architecture)."""
+    funcs, cur, arch = {}, None, "?"
     for line in text.splitlines():
+        m = ARCH.search(line)
+        if m:
+            arch, cur = m.group(1), None
+            continue
         m = FUNC.search(line)
         if m:
-            cur = funcs.setdefault(m.group(1), [])
+            cur = funcs.setdefault(f"{arch}:{m.group(1)}", [])
             continue
         m = INSTR.search(line)
         if m and cur is not None:
