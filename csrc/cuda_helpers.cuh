@@ -373,23 +373,32 @@ JAX_MXFP4_WGMMA_RS(__half, "f16", 128, 64, 64, 65, 66, 67, 68, 69)
 // Device: cross-CTA signalling through global memory
 // ===========================================================================
 //
-// Pattern of the CUDA "threadFenceReduction" sample: every thread makes its
-// global writes visible device-wide (__threadfence), the CTA synchronizes,
-// then one thread bumps a counter. The CTA that sees the final count is the
-// only one that reads the others' data, after its own fence. Nobody waits
-// on anybody, so the scheme is correct whether or not all CTAs are resident
-// at once (unlike a spin lock).
+// The split-K arrival: every thread has written its part of the CTA's
+// partial tile; the CTA synchronizes, then one thread bumps the column's
+// counter with a release-acquire atomic at GPU scope. bar.sync orders the
+// other threads' writes before that thread's release (PTX memory model:
+// release is cumulative over what precedes it in causality order, the same
+// pattern as CUTLASS's split-K semaphore), and the acquire half orders the
+// CTA's later reads of other CTAs' partials (after the second bar.sync)
+// after every earlier arrival's writes. Only the CTA that sees the final
+// count reads the others' data; nobody waits on anybody, so the scheme is
+// correct whether or not all CTAs are resident at once (unlike a spin lock).
+// No per-thread __threadfence: fence.sc.gpu also waits for the thread's
+// loads still in flight, i.e. it drained the cp.async pipeline at every
+// split column.
+__device__ __forceinline__ int AtomicAddAcqRelGpu(int* counter, int value) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(counter), "r"(value) : "memory");
+  return old;
+}
 
 // Returns, in every thread of the CTA, the counter value before this CTA's
 // increment. `broadcast` is one int of shared memory.
 __device__ __forceinline__ int CtaArrive(int* counter, int* broadcast) {
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) *broadcast = atomicAdd(counter, 1);
+  if (threadIdx.x == 0) *broadcast = AtomicAddAcqRelGpu(counter, 1);
   __syncthreads();
-  const int prev = *broadcast;
-  __threadfence();  // order the caller's later reads of other CTAs' data after the atomic
-  return prev;
+  return *broadcast;
 }
 
 }  // namespace ptx
