@@ -53,14 +53,15 @@ def tile_configs():
     text = TILES_H.read_text()
     body = re.search(r"kTileConfigs\[\] = \{(.*?)\n\};", text, re.S).group(1)
     rows = re.findall(
-        r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*MmaPath::k(\w+)\}', body
+        r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*(\d+),\s*MmaPath::k(\w+)\}', body
     )
     keys = ("tile_m", "n_tile", "k_tile", "warps_n", "warps_k", "stages")
     out = []
     for r in rows:
         cfg = dict(zip(keys, map(int, r[1:7])), name=r[0])
         cfg["max_m"] = 2**31 - 1 if r[7] == "INT_MAX" else int(r[7])
-        cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[8]]
+        cfg["min_n"] = int(r[8])
+        cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[9]]
         # Geometry::kWeightsA: the dequantized weights are the MMA's A operand
         cfg["weights_a"] = cfg["path"] == "wgmma" or cfg["tile_m"] < 16
         out.append(cfg)

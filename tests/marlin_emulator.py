@@ -37,7 +37,8 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False):
     cfgs = tile_configs()
     if cfg_index is None:
         skip = "mma_sync" if wgmma else "wgmma"
-        cfg_index = next(i for i, c in enumerate(cfgs) if c["path"] != skip and m <= c["max_m"])
+        cfg_index = next(i for i, c in enumerate(cfgs)
+                         if c["path"] != skip and m <= c["max_m"] and n >= c["min_n"])
     c = cfgs[cfg_index]
     m_chunks = ceil_div(m, c["tile_m"])
     n_tiles = ceil_div(n, c["n_tile"])

@@ -26,7 +26,9 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Tests of the custom calls that run on both platforms (the gpu mark moves them to the GPU).
 PLATFORMS = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
 BENCH_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672), (2880, 5760)]  # (K, N)
-ODD_SHAPES = [(4160, 200), (96, 96), (2880, 5760 + 32), (1024, 130), (64, 1)]
+# (K, N) residues; (544, 16424): the smalln row (N >= 16384) with a partial last
+# n tile (514 units of 32 in tiles of 8) and a partial last k tile.
+ODD_SHAPES = [(4160, 200), (96, 96), (2880, 5760 + 32), (1024, 130), (64, 1), (544, 16424)]
 
 
 def random_weights(rng, n, k):

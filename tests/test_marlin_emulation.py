@@ -168,6 +168,11 @@ def test_plan_configs_cover_m():
     assert make_plan(8, 4096, 4096, 132)["c"]["name"] == "small8"
     assert make_plan(9, 4096, 4096, 132)["c"]["name"] == "small"
     assert make_plan(16, 4096, 4096, 132)["c"]["name"] == "small"
+    # n_tile 256 for M = 9..16 from N = 16384 on (the tile table's smalln row)
+    assert make_plan(9, 16384, 4096, 132)["c"]["name"] == "smalln"
+    assert make_plan(16, 28672, 8192, 132, wgmma=True)["c"]["name"] == "smalln"
+    assert make_plan(16, 16383, 4096, 132)["c"]["name"] == "small"
+    assert make_plan(8, 28672, 8192, 132)["c"]["name"] == "small8"
     assert make_plan(32, 4096, 4096, 132)["c"]["name"] == "medium"
     assert make_plan(33, 4096, 4096, 132)["c"]["name"] == "large"
     assert make_plan(1024, 4096, 4096, 132)["c"]["name"] == "large"

@@ -17,12 +17,12 @@ namespace marlin {
 namespace {
 
 // Rows of the other path are skipped; the last row of each path has
-// max_m = INT_MAX, so every M >= 1 finds one.
-int SelectConfig(int64_t m, bool wgmma) {
+// max_m = INT_MAX and min_n = 0, so every M, N >= 1 finds one.
+int SelectConfig(int64_t m, int64_t n, bool wgmma) {
   for (int i = 0; i < kNumTileConfigs; ++i) {
     const MmaPath path = kTileConfigs[i].path;
     if (path == (wgmma ? MmaPath::kMmaSync : MmaPath::kWgmma)) continue;
-    if (m <= kTileConfigs[i].max_m) return i;
+    if (m <= kTileConfigs[i].max_m && n >= kTileConfigs[i].min_n) return i;
   }
   return -1;
 }
@@ -40,7 +40,7 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
               const char* tile_config) {
   if (m < 1 || !MarlinCanImplement(n, k).empty() || sm_count < 1) return false;
   Plan p;
-  p.cfg = tile_config ? ConfigByName(tile_config, wgmma) : SelectConfig(m, wgmma);
+  p.cfg = tile_config ? ConfigByName(tile_config, wgmma) : SelectConfig(m, n, wgmma);
   if (p.cfg < 0) return false;
   const TileConfig& c = kTileConfigs[p.cfg];
   const int64_t m_chunks = CeilDiv(m, c.tile_m);

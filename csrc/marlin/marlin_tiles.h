@@ -27,7 +27,8 @@ struct TileConfig {
   int warps_n;   // warps side by side along N
   int warps_k;   // warps splitting each stage's k (reduced in shared memory)
   int stages;    // cp.async buffers; stages - 1 tiles are in flight
-  int max_m;     // host heuristic: first config of the path with M <= max_m is used
+  int max_m;     // host heuristic: first config of the path with M <= max_m
+  int min_n;     //   and N >= min_n is used
   MmaPath path;
 };
 
@@ -47,6 +48,13 @@ struct TileConfig {
 //    3 stages in flight = 48 KB per SM, twice what Little's law asks for HBM3
 //    (3 TB/s x ~1 us / 132 SMs ~ 23 KB). n_tile 128 keeps N/n_tile columns
 //    plentiful so stripes stay short.
+//  * smalln: small with n_tile 256 (8 x 1 warps, 3 stages) for N >= 16384:
+//    half the columns, so half the column ends (warps_k reduction, split-K
+//    arrival) per weight byte. Measured (self-test, small and smalln forced,
+//    same machine): 8192x28672 1.09x (H100) / 1.10x (H200) at M = 16;
+//    N = 5760..14336 0.998-1.04x, N = 4096 0.87-0.95x, hence the bound. The
+//    same tile for M <= 8 (small8 with n_tile 256) lost on the H100
+//    (0.86-0.99x; 8192x28672 0.99x) while the H200 gained 1.09x there: not used.
 //  * medium: M 17..32, the same with 32 rows (A doubles; 148 KB of smem).
 //  * large: M > 32 in chunks of 64 rows: 64x64 warp tiles (4 m16 x 8 n8)
 //    give 32 MMAs per k16 for 4 ldmatrix.x4 + 8 dequantized fragments, so the
@@ -63,13 +71,14 @@ struct TileConfig {
 //    of dequantization per warp (4 words), which therefore hide under the
 //    asynchronous MMA.
 constexpr TileConfig kTileConfigs[] = {
-    // name    tile_m n_tile k_tile w_n w_k stages max_m    path
-    {"small8", 8, 128, 256, 4, 2, 4, 8, MmaPath::kAny},
-    {"small", 16, 128, 256, 4, 2, 4, 16, MmaPath::kAny},
-    {"medium", 32, 128, 256, 4, 2, 4, 32, MmaPath::kAny},
-    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, MmaPath::kMmaSync},
-    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, MmaPath::kWgmma},  // M = 33..64 on SM90
-    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, MmaPath::kWgmma},
+    // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path
+    {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny},
+    {"smalln", 16, 256, 256, 8, 1, 3, 16, 16384, MmaPath::kAny},
+    {"small", 16, 128, 256, 4, 2, 4, 16, 0, MmaPath::kAny},
+    {"medium", 32, 128, 256, 4, 2, 4, 32, 0, MmaPath::kAny},
+    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, 0, MmaPath::kMmaSync},
+    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, 0, MmaPath::kWgmma},  // M = 33..64 on SM90
+    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
 constexpr int kThreads = 256;
