@@ -37,7 +37,8 @@ def main(which: str):
                     jax.block_until_ready(out)
                     launches += 1
     for dtype in (jnp.bfloat16, jnp.float16) if which == "marlin" else ():
-        for n, k in ((200, 4160), (5760, 2880), (96, 96), (1024, 2048)):
+        # (16424, 544): the smalln row at M = 16 (N >= 16384), partial last n and k tiles.
+        for n, k in ((200, 4160), (5760, 2880), (96, 96), (1024, 2048), (16424, 544)):
             # Random codes and scales; only the Marlin GEMM runs in this process. (The
             # large-M path, dense_matmul, is left to the marlin_dequantize case: with it here,
             # compute-sanitizer 2025.3.1 crashed (SIGSEGV) on the H200 right after the fp16
