@@ -10,8 +10,9 @@ backward branch), runs its body twice in order, tracking the wgmma groups in
 flight (``HGMMA ... gsb0`` closes a group, ``WARPGROUP.DEPBAR.LE gsb0, N``
 leaves at most N), and reports any instruction whose destination register is
 an A operand of a group in flight. Straight-line code outside loops is walked
-once. Accumulator registers are not checked: ptxas serializes (warning C7510
-family) rather than reorder around them.
+once. Only the A operands are checked: the accumulators are the HGMMA's own
+destination registers, kept in place from one wgmma to the next, and the
+Marlin kernel fences them after its final wait_group 0.
 
     cuobjdump -sass marlin_selftest | python3 tools/check_wgmma_registers.py [--function REGEX]
 
