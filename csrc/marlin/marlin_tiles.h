@@ -52,7 +52,7 @@ struct TileConfig {
 //    half the columns, so half the column ends (warps_k reduction, split-K
 //    arrival) per weight byte. Measured (self-test, small and smalln forced,
 //    same machine): 8192x28672 1.09x (H100) / 1.10x (H200) at M = 16;
-//    N = 5760..14336 0.998-1.04x, N = 4096 0.87-0.95x, hence the bound. The
+//    N = 5760..14336 0.99-1.04x, N = 4096 0.87-0.95x, hence the bound. The
 //    same tile for M <= 8 (small8 with n_tile 256) lost on the H100
 //    (0.86-0.99x; 8192x28672 0.99x) while the H200 gained 1.09x there: not used.
 //  * medium: M 17..32, the same with 32 rows (A doubles; 148 KB of smem).
