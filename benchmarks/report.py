@@ -160,23 +160,23 @@ def import_results(src_dir: str, results_dir: str, merge: bool = False) -> list[
             r["git"] = {"commit": g["commit"], "dirty": g["dirty"], "filled_in_at_import": True}
             r.setdefault("notes", []).append("git commit filled in at import from the local HEAD")
         dst = os.path.join(results_dir, H.result_filename(r))
-        if merge and os.path.exists(dst):
+        png, dst_png = p[: -len(".json")] + ".png", dst[: -len(".json")] + ".png"
+        module = None
+        merged = merge and os.path.exists(dst)
+        if merged:
             r = H.merge_results(H.load_result(dst), r)
             module = bench_module(r["benchmark"])
             if module is not None:
                 r = module.postprocess(r)
             print(f"merged {p} into {dst}: {len(r['cases'])} cases")
-            H.write_json(r, dst)
-            copied.append(dst)
-            if module is not None and plot_result(r, dst[: -len(".json")] + ".png", **module.PLOT):
-                copied.append(dst[: -len(".json")] + ".png")
-            continue
         H.write_json(r, dst)
         copied.append(dst)
-        png = p[: -len(".json")] + ".png"
-        if os.path.exists(png):
-            shutil.copy(png, dst[: -len(".json")] + ".png")
-            copied.append(dst[: -len(".json")] + ".png")
+        if merged:  # the plot of the merged cases, not the partial run's
+            if module is not None and plot_result(r, dst_png, **module.PLOT):
+                copied.append(dst_png)
+        elif os.path.exists(png):
+            shutil.copy(png, dst_png)
+            copied.append(dst_png)
     return copied
 
 
