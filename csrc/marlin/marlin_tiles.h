@@ -44,7 +44,7 @@ struct TileConfig {
 //    the MMAs of `small` cut 8192x28672 from 57 to 39 us: at M <= 16 the
 //    MMA count matters, not bytes in flight (7 stages in flight instead of
 //    3 changed nothing) nor the MMAs' dependency chain (two or four
-//    independent accumulator chains: 0.98-1.01x).
+//    independent accumulator chains: 0.98-1.03x).
 //  * small: M <= 16 is weight-bandwidth bound. 16 KB of weights per stage and
 //    3 stages in flight = 48 KB per SM, twice what Little's law asks for HBM3
 //    (3 TB/s x ~1 us / 132 SMs ~ 23 KB). n_tile 128 keeps N/n_tile columns
