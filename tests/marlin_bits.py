@@ -53,7 +53,9 @@ def tile_configs():
     text = TILES_H.read_text()
     body = re.search(r"kTileConfigs\[\] = \{(.*?)\n\};", text, re.S).group(1)
     rows = re.findall(
-        r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*(\d+),\s*MmaPath::k(\w+)\}', body
+        r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*(\d+),\s*MmaPath::k(\w+),'
+        r"\s*SplitReduce::k(\w+)\}",
+        body,
     )
     keys = ("tile_m", "n_tile", "k_tile", "warps_n", "warps_k", "stages")
     out = []
@@ -62,6 +64,7 @@ def tile_configs():
         cfg["max_m"] = 2**31 - 1 if r[7] == "INT_MAX" else int(r[7])
         cfg["min_n"] = int(r[8])
         cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[9]]
+        cfg["reduce"] = {"LastCta": "last_cta", "Pass": "pass"}[r[10]]
         # Geometry::kWeightsA: the dequantized weights are the MMA's A operand
         cfg["weights_a"] = cfg["path"] == "wgmma" or cfg["tile_m"] < 16
         out.append(cfg)

@@ -5,7 +5,9 @@ by statement on the buffers produced by
 ``jax_mxfp4.kernels.marlin_weights.prepare_marlin_weights``:
 
 * the stripe partition and split-K fixup (``MakePlan``: ``make_plan``;
-  ``slot_of``, arrival counters, CTA-order summation),
+  ``slot_of``, arrival counters, CTA-order summation; for the rows with
+  ``SplitReduce::kPass`` the reduction pass: which block owns which split
+  column, CTA-order summation),
 * every cp.async of a pipeline stage (addresses, predication, zero fill,
   the XOR swizzle of the A tile) into shared-memory buffers that start as
   garbage,
@@ -33,7 +35,8 @@ def ceil_div(a, b):
     return -(-a // b)
 
 
-def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False):
+def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None):
+    """MakePlan; ``reduce`` ("last_cta" / "pass") replaces the row's SplitReduce (emulation only)."""
     cfgs = tile_configs()
     if cfg_index is None:
         skip = "mma_sync" if wgmma else "wgmma"
@@ -51,11 +54,14 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False):
         iters = ceil_div(iters, k_tiles) * k_tiles
     grid = ceil_div(total, iters)
     split = grid > 1 and iters % k_tiles != 0
+    reduce_pass = split and (reduce or c["reduce"]) == "pass"
     ws = 0
     if split:
-        ws = ceil_div(4 * n_cols, 256) * 256 + 2 * grid * c["tile_m"] * c["n_tile"] * 4
+        counters = 0 if reduce_pass else ceil_div(4 * n_cols, 256) * 256
+        ws = counters + 2 * grid * c["tile_m"] * c["n_tile"] * 4
     return dict(cfg=cfg_index, c=c, m_chunks=m_chunks, n_tiles=n_tiles, k_tiles=k_tiles,
-                n_cols=n_cols, total=total, grid=grid, iters=iters, split=split, ws=ws)
+                n_cols=n_cols, total=total, grid=grid, iters=iters, split=split,
+                reduce_pass=reduce_pass, ws=ws)
 
 
 # ---------------------------------------------------------------------------
@@ -219,7 +225,10 @@ class Emulator:
         tile0 = col * p["k_tiles"]
         first, last = tile0 // p["iters"], (tile0 + p["k_tiles"] - 1) // p["iters"]
         store = True
-        if first != last:
+        if first != last and self.plan["reduce_pass"]:
+            self.partials[self.slot_of(cta, col)] = acc[k0].copy()
+            store = False  # reduce_pass() sums and stores it
+        elif first != last:
             self.partials[self.slot_of(cta, col)] = acc[k0].copy()
             arrived_before = self.counters[col]
             self.counters[col] += 1
@@ -307,9 +316,29 @@ class Emulator:
                 self.finish_column(cta, col, acc)
                 kt, col = 0, col + 1
 
+    def reduce_pass(self):
+        """MarlinSplitReduceKernel: the block of stripe boundary b (0 < b < grid) sums the
+        column that b cuts, if b is the column's first cut, in CTA order."""
+        p = self.plan
+        k0 = self.warp_k[:, 0] == 0
+        for b in range(1, p["grid"]):
+            boundary = b * p["iters"]
+            col = boundary // p["k_tiles"]
+            tile0 = col * p["k_tiles"]
+            if boundary == tile0 or boundary - p["iters"] > tile0:
+                continue
+            first, last = tile0 // p["iters"], (tile0 + p["k_tiles"] - 1) // p["iters"]
+            acc = np.zeros((8, 32, self.frags, 4))
+            for cta in range(first, last + 1):
+                acc[k0] += self.partials.pop(self.slot_of(cta, col))
+            self.store(col, acc)
+        assert not self.partials, "partial tiles no block of the pass summed"
+
     def run(self, order):
         for cta in order:
             self.run_cta(cta)
+        if self.plan["reduce_pass"]:
+            self.reduce_pass()
         return self.c
 
 
@@ -337,10 +366,10 @@ def reference(x_bits, w_packed, w_scales, name):
         return x @ w.T, w
 
 
-def emulate(x_bits, w_packed, w_scales, dtype, sm_count, cfg_index=None, seed=0, order="forward"):
+def emulate(x_bits, w_packed, w_scales, dtype, sm_count, cfg_index=None, seed=0, order="forward", reduce=None):
     tiles, scales, layout = mw.prepare_marlin_weights(w_packed, w_scales, dtype)
     m = x_bits.shape[0]
-    plan = make_plan(m, layout.n, layout.k, sm_count, cfg_index)
+    plan = make_plan(m, layout.n, layout.k, sm_count, cfg_index, reduce=reduce)
     emu = Emulator(x_bits, np.asarray(tiles), np.asarray(scales), layout, plan, np.random.default_rng(seed))
     ctas = list(range(plan["grid"]))
     if order == "reverse":

@@ -66,10 +66,10 @@ def _row_factor(emu):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cfg_name", ["small8", "small"])
+@pytest.mark.parametrize("cfg_name", ["small8", "small", "large"])
 def test_split_k_is_deterministic(dtype, cfg_name):
-    """The last-arriving CTA sums partials in CTA order: bitwise the same output
-    whatever order CTAs run in."""
+    """The last-arriving CTA (small8, small) or the reduction pass (large) sums
+    partials in CTA order: bitwise the same output whatever order CTAs run in."""
     name = mw._dtype_name(dtype)
     rng = np.random.default_rng(11)
     m, n, k, sms = 5, 128, 1024, 7
@@ -81,6 +81,26 @@ def test_split_k_is_deterministic(dtype, cfg_name):
     assert plan["split"]
     np.testing.assert_array_equal(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [(70, 160, 1024, 7), (33, 300, 2048, 5), (5, 128, 1024, 7)])
+def test_reduction_pass_equals_last_cta(dtype, case):
+    """Both SplitReduce modes add the same partials in the same order from zero: the same
+    bits. The pass also finds every split column (its blocks of the first cut of each
+    column), with 1..many boundaries per column."""
+    m, n, k, sms = case
+    name = mw._dtype_name(dtype)
+    rng = np.random.default_rng(hash(case) % 2**32)
+    w_packed, w_scales = random_weights(rng, n, k)
+    x = random_x(rng, m, k, name)
+    cfg = cfg_index("large")
+    plan = make_plan(m, n, k, sms, cfg)
+    assert plan["split"] and plan["reduce_pass"]
+    via_pass = emulate(x, w_packed, w_scales, dtype, sms, cfg, reduce="pass")[0]
+    via_last = emulate(x, w_packed, w_scales, dtype, sms, cfg, reduce="last_cta")[0]
+    assert not np.isnan(via_pass).any(), "outputs the pass never wrote"
+    np.testing.assert_array_equal(via_pass, via_last)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -235,7 +255,7 @@ def test_python_plan_equals_cpp_plan(tmp_path):
         expect = (
             f"{c['name']} m{c['tile_m']}xn{c['n_tile']}xk{c['k_tile']} grid={p['grid']} "
             f"iters={p['iters']} cols={p['n_cols']} k_tiles={p['k_tiles']} "
-            f"split={'yes' if p['split'] else 'no'} ws={p['ws']}"
+            f"split={('pass' if p['reduce_pass'] else 'last-cta') if p['split'] else 'no'} ws={p['ws']}"
         )
         assert desc == expect
         assert int(ws) == p["ws"]

@@ -17,9 +17,13 @@
 //     so every SM gets the same amount of weight bytes even when N / n_tile is
 //     far below the SM count (small M, the bandwidth-bound case). A column cut
 //     by a stripe boundary is a split-K column: each CTA that touches it writes
-//     an fp32 partial tile to the workspace and bumps the column's counter; the
-//     CTA that arrives last sums all partials in CTA order (deterministic) and
-//     writes C. Nobody spins, so it is correct without co-residency.
+//     an fp32 partial tile to the workspace. The partials are summed in CTA
+//     order (deterministic), by one of two means (the tile row's SplitReduce):
+//     the CTA that arrives last at the column's counter (small partial tiles,
+//     M <= 32), or a second kernel, MarlinSplitReduceKernel, whose blocks
+//     each take one slice of one split column (64-128 KB partial tiles: one
+//     CTA summing them alone was most of the time at M = 64..256). Nobody
+//     spins, so either is correct without co-residency.
 //   * Pipeline: cp.async global->shared with `stages` buffers; a CTA walks its
 //     stripe continuously across column boundaries (the epilogue of one column
 //     runs while later tiles are already in flight), one __syncthreads/stage.
@@ -76,6 +80,7 @@ struct KernelParams {
   void* c;                // [m, n] output, row-major, type T
   float* partials;        // split-K partial tiles: [2 grid][tile_m * n_tile] fp32
   int* counters;          // per-column arrival counters [n_cols], zeroed before launch
+                          // (SplitReduce::kLastCta; nullptr for kPass)
   int m, n, n_pad;        // true rows of A, true and padded output features
   int kb_count;           // K / 32
   int k_tiles;            // k tiles per column = ceil(kb_count / (k_tile / 32))
@@ -84,6 +89,54 @@ struct KernelParams {
   int total_tiles;        // n_cols * k_tiles
   int stream_weights;     // 1: each weight tile is read by one column -> L2 evict_first
 };
+
+// ===========================================================================
+// Split-K bookkeeping and the accumulator layout: shared by the GEMM kernel's
+// column epilogue and the reduction pass.
+// ===========================================================================
+
+// The CTAs whose stripes touch column `col`: first..last (split iff first != last).
+struct ColumnCtas {
+  int first, last;
+};
+__device__ __forceinline__ ColumnCtas CtasOfColumn(const KernelParams& p, int col) {
+  const int64_t tile0 = static_cast<int64_t>(col) * p.k_tiles;
+  return {static_cast<int>(tile0 / p.iters), static_cast<int>((tile0 + p.k_tiles - 1) / p.iters)};
+}
+
+// Partial-tile slot of (CTA, column) in the workspace: a stripe can cut only
+// its first and its last column, so two slots per CTA.
+__device__ __forceinline__ int PartialSlot(const KernelParams& p, int cta, int col) {
+  const int cta_first_col = static_cast<int>(static_cast<int64_t>(cta) * p.iters / p.k_tiles);
+  return 2 * cta + (col == cta_first_col ? 0 : 1);
+}
+
+// Where element q (0..3) of accumulator fragment i of lane `lane` of the warp
+// in warp column warp_n lands in its column's tile_m x n_tile output tile:
+// the D layout of mma.m16n8k16 (m16: rows g, g + 8; n8: columns 2t, 2t + 1),
+// which is also that of each m16 slice of a wgmma m64 tile.
+struct TileElement {
+  int row, feature;
+};
+template <int kCfg>
+__device__ __forceinline__ TileElement FragmentElement(int warp_n, int lane, int i, int q) {
+  using G = Geometry<kCfg>;
+  const int g = lane / 4, t = lane % 4;
+  if constexpr (G::kWeightsA) {
+    // Fragment (2u + h) * (tile_m / 8) + it: unit u, m16 half h (its n8
+    // feature tiles 2h + r, r = q / 2, row g), n8 token tile it (tokens
+    // 2t + e, e = q % 2).
+    const int it = i % (G::kTileM / 8), uh = i / (G::kTileM / 8);
+    const int u = uh / 2, h = uh % 2, r = q / 2, e = q % 2;
+    return {8 * it + 2 * t + e, (warp_n * G::kUnitsWarp + u) * kUnitN + 8 * (2 * h + r) + g};
+  } else {
+    // Fragment mb * n8_warp + 4u + j: m16 token block mb (rows g + 8 half,
+    // half = q / 2), n8 feature tile j of unit u (features 2t + b, b = q % 2).
+    const int mb = i / G::kN8Warp, u = (i % G::kN8Warp) / 4, j = i % 4;
+    const int half = q / 2, b = q % 2;
+    return {mb * 16 + g + 8 * half, (warp_n * G::kUnitsWarp + u) * kUnitN + 8 * j + 2 * t + b};
+  }
+}
 
 // ===========================================================================
 // The kernel.
@@ -103,11 +156,12 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       G::kWgmma ? smem_raw + ((1024 - (ptx::SmemAddr(smem_raw) & 1023)) & 1023) / 16 : smem_raw;
   uint4* const pipe = smem;                                           // stages x stage
   float4* const red = reinterpret_cast<float4*>(smem + G::kStages * G::kStageChunks);
-  int* const flag = reinterpret_cast<int*>(smem + G::kStages * G::kStageChunks + G::kRedChunks);
+  [[maybe_unused]] int* const flag =  // the last-CTA arrival broadcast (SplitReduce::kLastCta)
+      reinterpret_cast<int*>(smem + G::kStages * G::kStageChunks + G::kRedChunks);
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int warp_n = warp % G::kWarpsN, warp_k = warp / G::kWarpsN;
-  const int g = lane / 4, t = lane % 4;  // PTX fragment groupID / threadID_in_group
+  const int g = lane / 4;  // PTX fragment groupID (the multiplier word of a lane)
   const int units = p.n_pad / kUnitN;
   const T* const a = static_cast<const T*>(p.a);
 
@@ -366,11 +420,6 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   };
 
   // ---- end of a column: reduce warps_k, then CTAs, then store ----
-  auto slot_of = [&](int cta, int col) {  // partial-tile slot of (CTA, column)
-    const int cta_first_col = static_cast<int>(static_cast<int64_t>(cta) * p.iters / p.k_tiles);
-    return 2 * cta + (col == cta_first_col ? 0 : 1);
-  };
-
   auto finish_column = [&](int col) {
     if constexpr (G::kWgmma) {  // the accumulators are final once no wgmma is in flight
       ptx::WgmmaWait<0>();
@@ -402,27 +451,30 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       }
       // `red` is next written after the next stage barrier.
     }
-    // 2. Split-K column: publish, count arrivals, last one sums in CTA order.
-    const int64_t col_tile0 = static_cast<int64_t>(col) * p.k_tiles;
-    const int first_cta = static_cast<int>(col_tile0 / p.iters);
-    const int last_cta = static_cast<int>((col_tile0 + p.k_tiles - 1) / p.iters);
+    // 2. Split-K column: publish; then either the reduction pass sums it, or
+    //    arrivals are counted and the last CTA sums all partials in CTA order.
+    const ColumnCtas ctas = CtasOfColumn(p, col);
     bool store = true;
-    if (first_cta != last_cta) {
+    if (ctas.first != ctas.last) {
       if (warp_k == 0) {
         float4* const part = reinterpret_cast<float4*>(p.partials) +
-                             static_cast<int64_t>(slot_of(blockIdx.x, col)) * G::kPartialChunks;
+                             static_cast<int64_t>(PartialSlot(p, blockIdx.x, col)) * G::kPartialChunks;
 #pragma unroll
         for (int i = 0; i < G::kFrags; ++i)
           part[(warp_n * G::kFrags + i) * 32 + lane] =
               make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
       }
-      const int arrived_before = ptx::CtaArrive(p.counters + col, flag);
-      store = arrived_before == last_cta - first_cta;
+      if constexpr (G::kReducePass) {
+        store = false;
+      } else {
+        const int arrived_before = ptx::CtaArrive(p.counters + col, flag);
+        store = arrived_before == ctas.last - ctas.first;
+      }
       if (store && warp_k == 0) {
         zero_acc();
-        for (int cta = first_cta; cta <= last_cta; ++cta) {  // fixed order: deterministic
+        for (int cta = ctas.first; cta <= ctas.last; ++cta) {  // fixed order: deterministic
           const float4* const part = reinterpret_cast<const float4*>(p.partials) +
-                                     static_cast<int64_t>(slot_of(cta, col)) * G::kPartialChunks;
+                                     static_cast<int64_t>(PartialSlot(p, cta, col)) * G::kPartialChunks;
 #pragma unroll
           for (int i = 0; i < G::kFrags; ++i) {
             const float4 v = __ldcg(part + (warp_n * G::kFrags + i) * 32 + lane);  // L2, not L1
@@ -431,11 +483,10 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
         }
       }
     }
-    // 3. C = F[n] * acc, rounded to T; rows >= m and columns >= n skipped.
+    // 3. C = F[n] * acc, rounded to T; rows >= m and columns >= n skipped
+    //    (element positions: FragmentElement). The loops load each feature's
+    //    factor once and pair the stores where they can.
     if constexpr (G::kWeightsA) {
-      // Unit u of the warp, half h, register pair r: feature unit * 32 +
-      // 8 (2h + r) + g; token tile i: tokens 8i + 2t, 8i + 2t + 1 (the D
-      // layout of mma.m16n8k16 and of WgmmaM64K16RS alike).
       if (store && (G::kWarpsK == 1 || warp_k == 0)) {
         const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
         const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
@@ -446,18 +497,19 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
           for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-              const int unit = n_idx * G::kUnitsTile + warp_n * G::kUnitsWarp + u;
-              const int nf = unit * kUnitN + 8 * (2 * h + r) + g;
+              const int frag0 = (2 * u + h) * (G::kTileM / 8);  // token tiles frag0 + i
+              const int nf = n_idx * G::kNTile + FragmentElement<kCfg>(warp_n, lane, frag0, 2 * r).feature;
               if (nf >= p.n) continue;
               const float f = RowFactor(planes, p.n_pad, nf);
 #pragma unroll
               for (int i = 0; i < G::kTileM / 8; ++i)
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                  const int row = m_chunk * G::kTileM + 8 * i + 2 * t + e;
+                  const int row =
+                      m_chunk * G::kTileM + FragmentElement<kCfg>(warp_n, lane, frag0 + i, 2 * r + e).row;
                   if (row < p.m)
-                    c[static_cast<int64_t>(row) * p.n + nf] = ptx::FloatTo<T>(
-                        __fmul_rn(acc[(2 * u + h) * (G::kTileM / 8) + i][2 * r + e], f));
+                    c[static_cast<int64_t>(row) * p.n + nf] =
+                        ptx::FloatTo<T>(__fmul_rn(acc[frag0 + i][2 * r + e], f));
                 }
             }
       }
@@ -470,7 +522,7 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       for (int u = 0; u < G::kUnitsWarp; ++u)
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int n0 = n_idx * G::kNTile + (warp_n * G::kUnitsWarp + u) * kUnitN + 8 * j + 2 * t;
+          const int n0 = n_idx * G::kNTile + FragmentElement<kCfg>(warp_n, lane, 4 * u + j, 0).feature;
           if (n0 >= p.n) continue;
           const float f0 = RowFactor(planes, p.n_pad, n0);
           const float f1 = RowFactor(planes, p.n_pad, n0 + 1);  // n0 + 1 < n_pad always
@@ -478,9 +530,10 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
           for (int mb = 0; mb < G::kMBlocks; ++mb)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-              const int row = m_chunk * G::kTileM + mb * 16 + g + 8 * half;
+              const int frag = mb * G::kN8Warp + 4 * u + j;
+              const int row = m_chunk * G::kTileM + FragmentElement<kCfg>(warp_n, lane, frag, 2 * half).row;
               if (row >= p.m) continue;
-              const float* v = acc[mb * G::kN8Warp + 4 * u + j];
+              const float* v = acc[frag];
               const float v0 = __fmul_rn(v[2 * half], f0), v1 = __fmul_rn(v[2 * half + 1], f1);
               T* const dst = c + static_cast<int64_t>(row) * p.n + n0;
               if (n0 + 1 < p.n && pair_store) {
@@ -537,14 +590,74 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
 }
 
 // ===========================================================================
+// The reduction pass (SplitReduce::kPass).
+// ===========================================================================
+
+// Block (b, slice), b = 1 + blockIdx.x / kReduceSlices: stripe boundary b
+// (tile b * iters) cuts a column; the block of the column's first such
+// boundary sums slice `slice` of the column's partial tiles in CTA order
+// (from 0, the same fp32 operations in the same order as the last-CTA
+// reduction, so the result is the same bits) and stores it like the GEMM
+// kernel's column epilogue. All other blocks return at once. Thread chunk
+// (warp_n * frags + i) * 32 + lane of a partial tile is fragment i of that
+// lane and warp column, as the GEMM kernel wrote it.
+template <int kCfg, typename T>
+__global__ void __launch_bounds__(kThreads) MarlinSplitReduceKernel(const KernelParams p) {
+  using G = Geometry<kCfg>;
+  const int b = 1 + static_cast<int>(blockIdx.x) / G::kReduceSlices;
+  const int slice = static_cast<int>(blockIdx.x) % G::kReduceSlices;
+  const int64_t boundary = static_cast<int64_t>(b) * p.iters;
+  const int col = static_cast<int>(boundary / p.k_tiles);
+  const int64_t col_tile0 = static_cast<int64_t>(col) * p.k_tiles;
+  // On a column edge (nothing cut), or not the column's first cut.
+  if (boundary == col_tile0 || boundary - p.iters > col_tile0) return;
+  const ColumnCtas ctas = CtasOfColumn(p, col);
+
+  const int chunk0 = slice * kThreads * G::kReduceChunks + static_cast<int>(threadIdx.x);
+  float4 sum[G::kReduceChunks];
+#pragma unroll
+  for (int j = 0; j < G::kReduceChunks; ++j) sum[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int cta = ctas.first; cta <= ctas.last; ++cta) {
+    const float4* const part = reinterpret_cast<const float4*>(p.partials) +
+                               static_cast<int64_t>(PartialSlot(p, cta, col)) * G::kPartialChunks + chunk0;
+    float4 v[G::kReduceChunks];
+#pragma unroll
+    for (int j = 0; j < G::kReduceChunks; ++j) v[j] = __ldcg(part + j * kThreads);  // all in flight
+#pragma unroll
+    for (int j = 0; j < G::kReduceChunks; ++j)
+      sum[j].x += v[j].x, sum[j].y += v[j].y, sum[j].z += v[j].z, sum[j].w += v[j].w;
+  }
+
+  const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
+  const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
+  T* const c = static_cast<T*>(p.c);
+#pragma unroll
+  for (int j = 0; j < G::kReduceChunks; ++j) {
+    const int chunk = chunk0 + j * kThreads;
+    const int lane = chunk % 32, i = (chunk / 32) % G::kFrags, warp_n = chunk / (32 * G::kFrags);
+    const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const TileElement el = FragmentElement<kCfg>(warp_n, lane, i, q);
+      const int row = m_chunk * G::kTileM + el.row, nf = n_idx * G::kNTile + el.feature;
+      if (row < p.m && nf < p.n)
+        c[static_cast<int64_t>(row) * p.n + nf] =
+            ptx::FloatTo<T>(__fmul_rn(v[q], RowFactor(planes, p.n_pad, nf)));
+    }
+  }
+}
+
+// ===========================================================================
 // Host: launch (the plan comes from marlin_plan.cc).
 // ===========================================================================
 
 // Per-device "dynamic shared memory opt-in done" flags, per kernel instance.
 constexpr int kMaxDevices = 64;
 
+// The GEMM kernel, then (reduce_pass) the reduction pass over its grid's
+// grid - 1 stripe boundaries.
 template <int kCfg, typename T>
-std::string LaunchConfig(const KernelParams& params, int grid, cudaStream_t stream) {
+std::string LaunchConfig(const KernelParams& params, int grid, bool reduce_pass, cudaStream_t stream) {
   constexpr int kSmem = Geometry<kCfg>::kSmemBytes;
   auto* kernel = &MarlinMxfp4GemmKernel<kCfg, T>;
   static std::atomic<bool> smem_set[kMaxDevices];
@@ -561,14 +674,24 @@ std::string LaunchConfig(const KernelParams& params, int grid, cudaStream_t stre
   // cudaGetLastError reports launch-configuration errors of this launch (and
   // could report an earlier asynchronous error of another kernel).
   JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+  if constexpr (Geometry<kCfg>::kReducePass) {
+    if (reduce_pass) {
+      MarlinSplitReduceKernel<kCfg, T><<<(grid - 1) * Geometry<kCfg>::kReduceSlices, kThreads, 0, stream>>>(params);
+      JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
+    }
+  } else if (reduce_pass) {
+    return "jax_mxfp4 marlin: the plan asks for a reduction pass that tile config " + std::to_string(kCfg) +
+           " does not have";
+  }
   return "";
 }
 
 template <typename T, size_t... kIs>
-std::string LaunchDispatch(int cfg, const KernelParams& params, int grid, cudaStream_t stream,
-                           std::index_sequence<kIs...>) {
+std::string LaunchDispatch(int cfg, const KernelParams& params, int grid, bool reduce_pass,
+                           cudaStream_t stream, std::index_sequence<kIs...>) {
   std::string result = "jax_mxfp4 marlin: no kernel for config " + std::to_string(cfg);
-  ((cfg == static_cast<int>(kIs) ? (result = LaunchConfig<kIs, T>(params, grid, stream), 0) : 0), ...);
+  ((cfg == static_cast<int>(kIs) ? (result = LaunchConfig<kIs, T>(params, grid, reduce_pass, stream), 0) : 0),
+   ...);
   return result;
 }
 
@@ -625,7 +748,7 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
   kp.tiles = reinterpret_cast<const uint4*>(args.tiles);
   kp.scales = args.scales;
   kp.c = args.c;
-  kp.counters = plan.split ? static_cast<int*>(args.workspace) : nullptr;
+  kp.counters = plan.counter_bytes > 0 ? static_cast<int*>(args.workspace) : nullptr;
   kp.partials = plan.split
                     ? reinterpret_cast<float*>(static_cast<uint8_t*>(args.workspace) + plan.counter_bytes)
                     : nullptr;
@@ -639,12 +762,12 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
   kp.total_tiles = static_cast<int>(plan.total);
   kp.stream_weights = plan.m_chunks == 1 ? 1 : 0;
 
-  if (plan.split)  // arrival counters start at zero; partial tiles need no init
+  if (plan.counter_bytes > 0)  // arrival counters start at zero; partial tiles need no init
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(kp.counters, 0, plan.counter_bytes, stream));
   const auto seq = std::make_index_sequence<kNumTileConfigs>{};
   if (args.dtype == InputDType::kBF16)
-    return LaunchDispatch<__nv_bfloat16>(plan.cfg, kp, plan.grid, stream, seq);
-  return LaunchDispatch<__half>(plan.cfg, kp, plan.grid, stream, seq);
+    return LaunchDispatch<__nv_bfloat16>(plan.cfg, kp, plan.grid, plan.reduce_pass, stream, seq);
+  return LaunchDispatch<__half>(plan.cfg, kp, plan.grid, plan.reduce_pass, stream, seq);
 }
 
 }  // namespace marlin

@@ -41,8 +41,9 @@ int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool
 // (thread-safe). Returns 0 if the query fails.
 int MarlinDeviceSmCount(int device);
 
-// Human-readable launch plan ("cfg=small m16xn128xk256 grid=128 iters=16
-// split=yes ..."), for benchmarks and the self-test.
+// Human-readable launch plan ("small m16xn128xk256 grid=128 iters=16 ...
+// split=last-cta ws=..."; split= no | last-cta | pass, the SplitReduce of the
+// row), for benchmarks and the self-test.
 std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
                                const char* tile_config = nullptr);
 
@@ -61,8 +62,10 @@ struct MarlinGemmArgs {
 };
 
 // Enqueue the GEMM on `stream` (asynchronous; no host synchronization, no
-// allocation). Zeroes the part of the workspace that must start at zero with
-// cudaMemsetAsync. Returns "" or an error message (argument or CUDA error).
+// allocation): the GEMM kernel, after a cudaMemsetAsync of the arrival
+// counters (split-K with SplitReduce::kLastCta) or followed by the reduction
+// kernel (split-K with SplitReduce::kPass). Returns "" or an error message
+// (argument or CUDA error).
 std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream);
 
 }  // namespace marlin

@@ -66,7 +66,8 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   // is not a multiple of k_tiles, i.e. iff iters is not.
   p.split = grid > 1 && iters % k_tiles != 0;
   if (p.split) {
-    p.counter_bytes = RoundUp(4 * n_cols, 256);
+    p.reduce_pass = c.reduce == SplitReduce::kPass;
+    if (!p.reduce_pass) p.counter_bytes = RoundUp(4 * n_cols, 256);
     p.partial_bytes = 2 * grid * c.tile_m * c.n_tile * static_cast<int64_t>(sizeof(float));
   }
   *plan = p;
@@ -106,7 +107,7 @@ std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bo
   std::snprintf(buf, sizeof(buf),
                 "%s m%dxn%dxk%d grid=%d iters=%d cols=%d k_tiles=%d split=%s ws=%lld",
                 c.name, c.tile_m, c.n_tile, c.k_tile, p.grid, p.iters, p.n_cols,
-                p.k_tiles, p.split ? "yes" : "no",
+                p.k_tiles, !p.split ? "no" : p.reduce_pass ? "pass" : "last-cta",
                 static_cast<long long>(p.counter_bytes + p.partial_bytes));
   return buf;
 }

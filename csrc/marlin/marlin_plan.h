@@ -15,6 +15,7 @@ struct Plan {
   int64_t total = 0;
   int iters = 0, grid = 0;
   bool split = false;
+  bool reduce_pass = false;  // split columns are summed by the reduction pass (SplitReduce::kPass)
   int64_t counter_bytes = 0, partial_bytes = 0;
 };
 

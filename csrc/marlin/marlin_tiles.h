@@ -19,6 +19,14 @@ enum class MmaPath {
   kWgmma,     // wgmma.mma_async (sm_90a), only with use_wgmma on an SM90 device
 };
 
+// How a split-K column (one cut by a stripe boundary) is summed.
+enum class SplitReduce {
+  kLastCta,  // in the GEMM kernel: the CTA that arrives last sums every partial
+             // (arrival counters, zeroed by a memset before the launch)
+  kPass,     // a second kernel right after the GEMM, one block per slice of
+             // each split column (no counters)
+};
+
 struct TileConfig {
   const char* name;
   int tile_m;    // tokens (rows of A / C) per column: 8, or a multiple of 16
@@ -30,6 +38,7 @@ struct TileConfig {
   int max_m;     // host heuristic: first config of the path with M <= max_m
   int min_n;     //   and N >= min_n is used
   MmaPath path;
+  SplitReduce reduce;  // see SplitReduce; the partial tile's size decides it
 };
 
 // Why these numbers (NOTES.md has the arithmetic):
@@ -72,14 +81,14 @@ struct TileConfig {
 //    of dequantization per warp (4 words), which therefore hide under the
 //    asynchronous MMA.
 constexpr TileConfig kTileConfigs[] = {
-    // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path
-    {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny},
-    {"smalln", 16, 256, 256, 8, 1, 3, 16, 16384, MmaPath::kAny},
-    {"small", 16, 128, 256, 4, 2, 4, 16, 0, MmaPath::kAny},
-    {"medium", 32, 128, 256, 4, 2, 4, 32, 0, MmaPath::kAny},
-    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, 0, MmaPath::kMmaSync},
-    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, 0, MmaPath::kWgmma},  // M = 33..64 on SM90
-    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma},
+    // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path  reduce
+    {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny, SplitReduce::kLastCta},
+    {"smalln", 16, 256, 256, 8, 1, 3, 16, 16384, MmaPath::kAny, SplitReduce::kLastCta},
+    {"small", 16, 128, 256, 4, 2, 4, 16, 0, MmaPath::kAny, SplitReduce::kLastCta},
+    {"medium", 32, 128, 256, 4, 2, 4, 32, 0, MmaPath::kAny, SplitReduce::kLastCta},
+    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, 0, MmaPath::kMmaSync, SplitReduce::kPass},
+    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, 0, MmaPath::kWgmma, SplitReduce::kPass},  // M = 33..64 on SM90
+    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma, SplitReduce::kPass},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
 constexpr int kThreads = 256;
@@ -122,6 +131,11 @@ struct Geometry {
       (kAChunks + kBChunks + kSChunks + kStageAlign - 1) / kStageAlign * kStageAlign;
   static constexpr int kRedChunks = (kWarpsK - 1) * kTileM * kNTile / 4;  // warps_k partials
   static constexpr int kPartialChunks = kTileM * kNTile / 4;  // one split-K partial tile
+  static constexpr bool kReducePass = kTileConfigs[kCfg].reduce == SplitReduce::kPass;
+  // The reduction pass: a block of kThreads sums kReduceChunks float4s per
+  // thread of one slice; kReduceSlices blocks cover a partial tile.
+  static constexpr int kReduceChunks = 4;
+  static constexpr int kReduceSlices = kPartialChunks / (kThreads * kReduceChunks);
   // Stages - 1 tiles are in flight, less one more for wgmma, whose last group
   // of a stage may still read it while the next stage starts.
   static constexpr int kLag = kWgmma ? 1 : 0;
@@ -132,6 +146,7 @@ struct Geometry {
       kWarpsN * kWarpsK * 32 == kThreads && kNTile % (kUnitN * kWarpsN) == 0 &&
       kKTile % (kBlockK * kWarpsK) == 0 &&
       kKTile >= 64 &&                          // XOR swizzle: >= 8 chunks per A row
+      (!kReducePass || kPartialChunks % (kThreads * kReduceChunks) == 0) &&
       kThreads % kARowChunks == 0 &&           // fixed thread -> A column ...
       (kThreads / kARowChunks) % 8 == 0 &&     // ... and fixed row % 8 across chunks
       kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
