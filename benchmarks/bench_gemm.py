@@ -287,11 +287,12 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
             kernel_only = jax.jit(get_kernel("marlin").kernel_matmul)
             impls.append(("marlin_kernel", "variant", [(pw,) for pw in prepared], kernel_only,
                           lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
-            # ... and, at small M, the kernel launched with two CTAs per SM (twice the weight
-            # bytes in flight per SM; the small tile config's 108 KB of shared memory fits twice).
-            two_ctas = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, ctas_per_sm=2))
-            impls.append(("marlin_2cta", "variant", [(pw,) for pw in prepared], two_ctas,
-                          lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
+            # ... and, at small M, the kernel launched with the CTAs per SM it does not plan
+            # for (TWO_CTAS_PER_SM: one or two; small8's 88 KB of shared memory fits twice).
+            for variant, count in (("marlin_1cta", 1), ("marlin_2cta", 2)):
+                forced = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, ctas_per_sm=count))
+                impls.append((variant, "variant", [(pw,) for pw in prepared], forced,
+                              lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
             # ... and, on Hopper above M = 32, the mma.sync tile configurations that the
             # wgmma ones replaced (measured side by side: the choice of instruction path).
             mma_sync = jax.jit(functools.partial(get_kernel("marlin").kernel_matmul, wgmma=False))
@@ -307,8 +308,10 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
     cases = []
     for m in ms:
         for impl, role, wsets, fn, ref_fn in impls:
-            if impl == "marlin_2cta" and m > 32:
-                continue  # the small and medium tile configs only (M <= 32)
+            if impl in ("marlin_1cta", "marlin_2cta"):
+                planned = marlin_kernel.planned_ctas_per_sm(m, LinearConfig(k, n, jnp.bfloat16), device.device_kind)
+                if m > 32 or impl == f"marlin_{planned}cta":
+                    continue  # the small and medium tile configs only; not the launch "marlin" plans
             if impl == "marlin_mmasync" and (m <= 32 or not marlin_kernel._has_wgmma()):
                 continue  # the same launch as "marlin" there
             if impl in ("marlin_dense", "marlin_kernel") and m < 64:

@@ -113,6 +113,34 @@ def test_large_m_runs_the_dense_path(rng):
     assert "mxfp4_marlin_gemm" not in primitives(dense_from)
 
 
+def test_two_ctas_per_sm_only_where_measured():
+    """TWO_CTAS_PER_SM: M <= 8 and N x K >= 2^26 on the devices listed (the H200), one CTA
+    per SM everywhere else (the H100 measured slower with two)."""
+    plan = marlin_module.planned_ctas_per_sm
+    big, edge, small = LinearConfig(8192, 28672), LinearConfig(8192, 8192), LinearConfig(4096, 14336)
+    assert plan(8, big, "NVIDIA H200") == 2 and plan(1, edge, "NVIDIA H200") == 2
+    assert plan(9, big, "NVIDIA H200") == 1  # smalln / small (smalln does not fit twice)
+    assert plan(8, small, "NVIDIA H200") == 1  # 4096 x 14336 < 2^26 weights
+    assert plan(1, big, "NVIDIA H100 80GB HBM3") == 1 and plan(1, big, "cpu") == 1
+
+
+def test_two_ctas_per_sm_plan_is_traced_with_its_workspace(rng):
+    """The planned grid reaches the custom call: the workspace abstract eval asks for
+    (2 x the SM count) CTAs' partial tiles where the device plans two CTAs per SM."""
+    wp, ws = random_weights(rng, 64, 128)
+    kernel = kernels.get_kernel("marlin")
+    prepared = kernel.prepare_weights(wp, ws, LinearConfig(128, 64))
+    x = jax.ShapeDtypeStruct((4, 128), jnp.bfloat16)
+
+    def sm_counts(**kw):
+        jaxpr = jax.make_jaxpr(functools.partial(kernel.kernel_matmul, **kw))(x, prepared)
+        return [e.params["sm_count"] for e in jaxpr.jaxpr.eqns if e.primitive.name == "mxfp4_marlin_gemm"]
+
+    one, two = sm_counts(ctas_per_sm=1), sm_counts(ctas_per_sm=2)
+    assert len(one) == 1 and two == [2 * one[0]]
+    assert sm_counts() == one  # the default device here is not in TWO_CTAS_PER_SM
+
+
 def test_abstract_eval_of_the_kernel_call(rng):
     wp, ws = random_weights(rng, 200, 4160)
     kernel = kernels.get_kernel("marlin")

@@ -10,7 +10,8 @@ On compute capability 9.0 (H100/H200) M > 32 runs on the kernel's ``wgmma``
 M the GEMM is compute-bound and the kernel trails cuBLAS's dense GEMM; from
 ``DENSE_FROM_TOKENS`` rows on, ``apply`` dequantizes the prepared weights and
 calls a dense ``jnp.dot`` instead. That crossover is a measurement, recorded
-with its data (see the constant).
+with its data (see the constant), as is the one device-specific launch choice:
+two CTAs per SM at M <= 8 on an H200 (``TWO_CTAS_PER_SM``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marl
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
 from jax_mxfp4.sharding import check_whole_units
 
-__all__ = ["DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "MarlinKernel"]
+__all__ = ["DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "TWO_CTAS_PER_SM", "MarlinKernel", "planned_ctas_per_sm"]
 
 #: M (tokens) from which a Marlin layer on a compute capability 9.0 GPU runs as
 #: dequantize + dense GEMM (``dense_matmul``); None: always the Marlin kernel.
@@ -43,8 +44,9 @@ __all__ = ["DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "MarlinKernel"]
 #: 4096x4096: 30.6 vs 31.1 us) and loses 2880x5760 (34.4 vs 32.7 us); at
 #: M = 512 the dense path wins on five (8192x8192: 129 vs 139 us; 2880x5760:
 #: 35.0 vs 49.4 us) and loses 8192x28672 by 4% (432 vs 417 us); at 1024 it
-#: wins on all six. (At M = 128 the two smallest shapes would also prefer
-#: the dense path: 2880x5760 26.6 vs 30.8 us; one crossover for all shapes.)
+#: wins on all six. (At M = 128 the two smallest shapes preferred the dense
+#: path then, 2880x5760 26.6 vs 30.8 us; since the split-K reduction pass,
+#: commit 1dec80e, the kernel wins there too: 25.2 vs 26.5 us.)
 DENSE_FROM_TOKENS: int | None = 512
 
 #: The same crossover where the kernel runs its mma.sync configurations only
@@ -55,6 +57,29 @@ DENSE_FROM_TOKENS: int | None = 512
 #: (4096x4096: 33.5 vs 38.5 us; 8192x28672: 396 vs 398 us), at M = 128 the
 #: kernel wins on all six (8192x8192: 69.9 vs 118 us). No A100 was measured.
 DENSE_FROM_TOKENS_MMA_SYNC: int | None = 256
+
+#: Devices (``device_kind``) on which the kernel runs two CTAs per SM at M <=
+#: ``max_tokens`` for weights of N x K >= ``min_weights`` elements: the small8
+#: tile (108 registers, ~88 KB of shared memory per CTA) fits twice per SM,
+#: and twice the warps hide more latency where the kernel, not HBM, is the
+#: limit. Measured with the self-test, one binary, alternating rounds
+#: (benchmarks/results/selftest/marlin-two-ctas-*.json, commit 1dec80e): on
+#: the H200 8192x28672 1.12-1.13x, 8192x8192 1.02-1.03x (the two shapes at
+#: or above 2^26 weights), 4096x14336 / 14336x4096 0.99-1.03x, 4096x4096
+#: 0.91-0.92x (short stripes: more split-K columns than the warps gain);
+#: on the H100 0.87-1.03x (8192x28672 0.98-0.99x), so it is not listed.
+TWO_CTAS_PER_SM: dict[str, dict[str, int]] = {
+    "NVIDIA H200": {"max_tokens": 8, "min_weights": 1 << 26},
+}
+
+
+def planned_ctas_per_sm(tokens: int, config: LinearConfig, device_kind: str) -> int:
+    """CTAs per SM the kernel's launch is planned for (``TWO_CTAS_PER_SM``)."""
+    rule = TWO_CTAS_PER_SM.get(device_kind)
+    if rule and tokens <= rule["max_tokens"] and config.out_features * config.in_features >= rule["min_weights"]:
+        return 2
+    return 1
+
 
 # SM count used when the device cannot be queried at trace time (e.g. tracing
 # on a CPU host for a GPU): any value is correct, the device's own is fastest.
@@ -121,16 +146,21 @@ class MarlinKernel(Mxfp4LinearKernel):
             return self.dense_matmul(x, weights)
         return self.kernel_matmul(x, weights)
 
-    def kernel_matmul(self, x, weights: PreparedWeights, *, ctas_per_sm: int = 1, wgmma: bool | None = None):
+    def kernel_matmul(self, x, weights: PreparedWeights, *, ctas_per_sm: int | None = None,
+                      wgmma: bool | None = None):
         """The Marlin GEMM kernel at any M (``matmul`` uses it below ``dense_from_tokens()``).
 
-        ``ctas_per_sm`` > 1 plans the launch for that many CTAs per SM (a grid of
-        ``ctas_per_sm`` x the SM count; benchmarks measure it against the default).
+        ``ctas_per_sm``: None (default) plans the launch for the CTAs per SM of
+        ``planned_ctas_per_sm`` (the measured per-device choice); a number forces it (a
+        grid of that many times the SM count; benchmarks compare the two).
         ``wgmma``: None (default) uses the Hopper ``wgmma`` configurations for
         M > 32 where the device is compute capability 9.0; False forces the
         ``mma.sync`` ones (benchmarks compare the two); True on another device is
         an error."""
         config = weights.config
+        if ctas_per_sm is None:
+            tokens = math.prod(int(d) for d in x.shape[:-1])
+            ctas_per_sm = planned_ctas_per_sm(tokens, config, default_device().device_kind)
         has_wgmma = _has_wgmma()
         if wgmma and not has_wgmma:
             raise ValueError(f"wgmma=True needs a compute capability 9.0 GPU; the default device is "
