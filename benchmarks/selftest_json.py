@@ -1,7 +1,7 @@
 """Turns logs of the standalone Marlin self-test (csrc/marlin/marlin_selftest.cu) into one results JSON.
 
 The self-test times the kernel alone (CUDA events around each launch, the split-K
-counter memset included; no XLA), so it can force a row of the tile table
+counter memset or reduction pass included; no XLA), so it can force a row of the tile table
 (``--config``) and compare configurations in the same process: the data behind a
 row's ``max_m``. ``tools/device_session.sh selftest-small8`` writes such logs.
 
@@ -20,6 +20,10 @@ import json
 import os
 import re
 import sys
+
+#: How the self-test times a case (the same for every log).
+METHOD = ("CUDA events around each launch (median of --reps), the split-K counter memset or reduction pass "
+          "included, no XLA; weights rotated over copies that exceed L2")
 
 _ROW = re.compile(
     r"^(?P<dtype>bf16|f16)\s+(?P<n>\d+)\s+(?P<k>\d+)\s+(?P<m>\d+)\s+(?P<sms>\d+)\s+\|\s+(?P<res>PASS|FAIL)\s+"
@@ -72,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": runs[0]["device"],
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git": {"commit": args.commit},
-        "method": "CUDA events around each launch (median of --reps), counter memset included, no XLA; "
-                  "weights rotated over copies that exceed L2",
+        "method": METHOD,
         "runs": runs,
         "notes": args.note,
     }
