@@ -6,8 +6,8 @@ by statement on the buffers produced by
 
 * the stripe partition and split-K fixup (``MakePlan``: ``make_plan``;
   ``slot_of``, arrival counters, CTA-order summation; for the rows with
-  ``SplitReduce::kPass`` the reduction pass: which block owns which split
-  column, CTA-order summation),
+  ``SplitReduce::kPass`` the reduction pass: which columns it sums,
+  CTA-order summation),
 * every cp.async of a pipeline stage (addresses, predication, zero fill,
   the XOR swizzle of the A tile) into shared-memory buffers that start as
   garbage,
@@ -317,17 +317,15 @@ class Emulator:
                 kt, col = 0, col + 1
 
     def reduce_pass(self):
-        """MarlinSplitReduceKernel: the block of stripe boundary b (0 < b < grid) sums the
-        column that b cuts, if b is the column's first cut, in CTA order."""
+        """MarlinSplitReduceKernel: the blocks of column col sum it in CTA order if stripe
+        boundaries cut it (its first and last CTA differ)."""
         p = self.plan
         k0 = self.warp_k[:, 0] == 0
-        for b in range(1, p["grid"]):
-            boundary = b * p["iters"]
-            col = boundary // p["k_tiles"]
+        for col in range(p["n_cols"]):
             tile0 = col * p["k_tiles"]
-            if boundary == tile0 or boundary - p["iters"] > tile0:
-                continue
             first, last = tile0 // p["iters"], (tile0 + p["k_tiles"] - 1) // p["iters"]
+            if first == last:
+                continue
             acc = np.zeros((8, 32, self.frags, 4))
             for cta in range(first, last + 1):
                 acc[k0] += self.partials.pop(self.slot_of(cta, col))

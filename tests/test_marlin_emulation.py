@@ -87,8 +87,8 @@ def test_split_k_is_deterministic(dtype, cfg_name):
 @pytest.mark.parametrize("case", [(70, 160, 1024, 7), (33, 300, 2048, 5), (5, 128, 1024, 7)])
 def test_reduction_pass_equals_last_cta(dtype, case):
     """Both SplitReduce modes add the same partials in the same order from zero: the same
-    bits. The pass also finds every split column (its blocks of the first cut of each
-    column), with 1..many boundaries per column."""
+    bits. The pass also finds every split column (and only those), with 1..many stripe
+    boundaries per column."""
     m, n, k, sms = case
     name = mw._dtype_name(dtype)
     rng = np.random.default_rng(hash(case) % 2**32)

@@ -593,25 +593,20 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
 // The reduction pass (SplitReduce::kPass).
 // ===========================================================================
 
-// Block (b, slice), b = 1 + blockIdx.x / kReduceSlices: stripe boundary b
-// (tile b * iters) cuts a column; the block of the column's first such
-// boundary sums slice `slice` of the column's partial tiles in CTA order
-// (from 0, the same fp32 operations in the same order as the last-CTA
-// reduction, so the result is the same bits) and stores it like the GEMM
-// kernel's column epilogue. All other blocks return at once. Thread chunk
-// (warp_n * frags + i) * 32 + lane of a partial tile is fragment i of that
-// lane and warp column, as the GEMM kernel wrote it.
+// Block (col, slice) = (blockIdx.x / kReduceSlices, blockIdx.x % kReduceSlices):
+// if stripe boundaries cut column `col`, the block sums slice `slice` of the
+// column's partial tiles in CTA order (from 0, the same fp32 operations in
+// the same order as the last-CTA reduction, so the result is the same bits)
+// and stores it like the GEMM kernel's column epilogue; otherwise it returns
+// at once. Thread chunk (warp_n * frags + i) * 32 + lane of a partial tile is
+// fragment i of that lane and warp column, as the GEMM kernel wrote it.
 template <int kCfg, typename T>
 __global__ void __launch_bounds__(kThreads) MarlinSplitReduceKernel(const KernelParams p) {
   using G = Geometry<kCfg>;
-  const int b = 1 + static_cast<int>(blockIdx.x) / G::kReduceSlices;
+  const int col = static_cast<int>(blockIdx.x) / G::kReduceSlices;
   const int slice = static_cast<int>(blockIdx.x) % G::kReduceSlices;
-  const int64_t boundary = static_cast<int64_t>(b) * p.iters;
-  const int col = static_cast<int>(boundary / p.k_tiles);
-  const int64_t col_tile0 = static_cast<int64_t>(col) * p.k_tiles;
-  // On a column edge (nothing cut), or not the column's first cut.
-  if (boundary == col_tile0 || boundary - p.iters > col_tile0) return;
   const ColumnCtas ctas = CtasOfColumn(p, col);
+  if (ctas.first == ctas.last) return;  // one CTA did the whole column and stored it
 
   const int chunk0 = slice * kThreads * G::kReduceChunks + static_cast<int>(threadIdx.x);
   float4 sum[G::kReduceChunks];
@@ -667,10 +662,11 @@ __global__ void __launch_bounds__(kThreads) MarlinSplitReduceKernel(const Kernel
 // Per-device "dynamic shared memory opt-in done" flags, per kernel instance.
 constexpr int kMaxDevices = 64;
 
-// The GEMM kernel, then (reduce_pass) the reduction pass over its grid's
-// grid - 1 stripe boundaries.
+// The GEMM kernel, then (reduce_pass) the reduction pass over the plan's
+// columns (a plan with a split has n_cols < 4 x #SMs: see MakePlan).
 template <int kCfg, typename T>
-std::string LaunchConfig(const KernelParams& params, int grid, bool reduce_pass, cudaStream_t stream) {
+std::string LaunchConfig(const KernelParams& params, int grid, int n_cols, bool reduce_pass,
+                         cudaStream_t stream) {
   constexpr int kSmem = Geometry<kCfg>::kSmemBytes;
   auto* kernel = &MarlinMxfp4GemmKernel<kCfg, T>;
   static std::atomic<bool> smem_set[kMaxDevices];
@@ -689,7 +685,7 @@ std::string LaunchConfig(const KernelParams& params, int grid, bool reduce_pass,
   JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if constexpr (Geometry<kCfg>::kReducePass) {
     if (reduce_pass) {
-      MarlinSplitReduceKernel<kCfg, T><<<(grid - 1) * Geometry<kCfg>::kReduceSlices, kThreads, 0, stream>>>(params);
+      MarlinSplitReduceKernel<kCfg, T><<<n_cols * Geometry<kCfg>::kReduceSlices, kThreads, 0, stream>>>(params);
       JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     }
   } else if (reduce_pass) {
@@ -700,10 +696,12 @@ std::string LaunchConfig(const KernelParams& params, int grid, bool reduce_pass,
 }
 
 template <typename T, size_t... kIs>
-std::string LaunchDispatch(int cfg, const KernelParams& params, int grid, bool reduce_pass,
-                           cudaStream_t stream, std::index_sequence<kIs...>) {
+std::string LaunchDispatch(int cfg, const KernelParams& params, const Plan& plan, cudaStream_t stream,
+                           std::index_sequence<kIs...>) {
   std::string result = "jax_mxfp4 marlin: no kernel for config " + std::to_string(cfg);
-  ((cfg == static_cast<int>(kIs) ? (result = LaunchConfig<kIs, T>(params, grid, reduce_pass, stream), 0) : 0),
+  ((cfg == static_cast<int>(kIs)
+        ? (result = LaunchConfig<kIs, T>(params, plan.grid, plan.n_cols, plan.reduce_pass, stream), 0)
+        : 0),
    ...);
   return result;
 }
@@ -779,8 +777,8 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(kp.counters, 0, plan.counter_bytes, stream));
   const auto seq = std::make_index_sequence<kNumTileConfigs>{};
   if (args.dtype == InputDType::kBF16)
-    return LaunchDispatch<__nv_bfloat16>(plan.cfg, kp, plan.grid, plan.reduce_pass, stream, seq);
-  return LaunchDispatch<__half>(plan.cfg, kp, plan.grid, plan.reduce_pass, stream, seq);
+    return LaunchDispatch<__nv_bfloat16>(plan.cfg, kp, plan, stream, seq);
+  return LaunchDispatch<__half>(plan.cfg, kp, plan, stream, seq);
 }
 
 }  // namespace marlin
