@@ -83,8 +83,9 @@ struct TileConfig {
 //  * reduce: the rows whose split-K partial tile is 64-128 KB (large, the
 //    wgmma rows) sum it in the reduction pass; one CTA summing 4-9 of them
 //    alone was the tail at M = 64..256 (self-test A/B: 0.97-1.18x H200,
-//    0.99-1.16x H100; NOTES.md section 4). The 4-16 KB rows keep the last
-//    CTA: no second launch.
+//    0.99-1.16x H100, then 0.98-1.12x and 0.99-1.09x more on the H100 for
+//    the pass's batched loads and column grid; NOTES.md section 4). The
+//    4-16 KB rows keep the last CTA: no second launch.
 constexpr TileConfig kTileConfigs[] = {
     // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path  reduce
     {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny, SplitReduce::kLastCta},
