@@ -20,7 +20,8 @@
 //     an fp32 partial tile to the workspace. The partials are summed in CTA
 //     order (deterministic), by one of two means (the tile row's SplitReduce):
 //     the CTA that arrives last at the column's counter (small partial tiles,
-//     M <= 32), or a second kernel, MarlinSplitReduceKernel, whose blocks
+//     M <= 32), or a second kernel, MarlinSplitReduceKernel
+//     (marlin_split_reduce.cuh, with the split-K bookkeeping), whose blocks
 //     each take one slice of one split column (64-128 KB partial tiles: one
 //     CTA summing them alone was most of the time at M = 64..256). Nobody
 //     spins, so either is correct without co-residency.
@@ -62,81 +63,14 @@
 #include "marlin_dequant.cuh"
 #include "marlin_gemm.h"
 #include "marlin_layout.h"
+#include "marlin_kernel_params.cuh"
 #include "marlin_plan.h"
+#include "marlin_split_reduce.cuh"
 #include "marlin_tiles.h"
 
 namespace jax_mxfp4 {
 namespace marlin {
 namespace {
-
-// ===========================================================================
-// Kernel parameters (host computes everything derived; see MakePlan).
-// ===========================================================================
-
-struct KernelParams {
-  const void* a;          // [m, 32 kb_count] activations, row-major, type T
-  const uint4* tiles;     // prepared weights [kb_count][n_pad / 32 units][32 lanes] x 16 B
-  const uint8_t* scales;  // prepared scales [kb_count + 4][n_pad] bytes
-  void* c;                // [m, n] output, row-major, type T
-  float* partials;        // split-K partial tiles: [2 grid][tile_m * n_tile] fp32
-  int* counters;          // per-column arrival counters [n_cols], zeroed before launch
-                          // (SplitReduce::kLastCta; nullptr for kPass)
-  int m, n, n_pad;        // true rows of A, true and padded output features
-  int kb_count;           // K / 32
-  int k_tiles;            // k tiles per column = ceil(kb_count / (k_tile / 32))
-  int m_chunks;           // ceil(m / tile_m); col = n_tile_idx * m_chunks + m_chunk
-  int iters;              // tiles per CTA stripe
-  int total_tiles;        // n_cols * k_tiles
-  int stream_weights;     // 1: each weight tile is read by one column -> L2 evict_first
-};
-
-// ===========================================================================
-// Split-K bookkeeping and the accumulator layout: shared by the GEMM kernel's
-// column epilogue and the reduction pass.
-// ===========================================================================
-
-// The CTAs whose stripes touch column `col`: first..last (split iff first != last).
-struct ColumnCtas {
-  int first, last;
-};
-__device__ __forceinline__ ColumnCtas CtasOfColumn(const KernelParams& p, int col) {
-  const int64_t tile0 = static_cast<int64_t>(col) * p.k_tiles;
-  return {static_cast<int>(tile0 / p.iters), static_cast<int>((tile0 + p.k_tiles - 1) / p.iters)};
-}
-
-// Partial-tile slot of (CTA, column) in the workspace: a stripe can cut only
-// its first and its last column, so two slots per CTA.
-__device__ __forceinline__ int PartialSlot(const KernelParams& p, int cta, int col) {
-  const int cta_first_col = static_cast<int>(static_cast<int64_t>(cta) * p.iters / p.k_tiles);
-  return 2 * cta + (col == cta_first_col ? 0 : 1);
-}
-
-// Where element q (0..3) of accumulator fragment i of lane `lane` of the warp
-// in warp column warp_n lands in its column's tile_m x n_tile output tile:
-// the D layout of mma.m16n8k16 (m16: rows g, g + 8; n8: columns 2t, 2t + 1),
-// which is also that of each m16 slice of a wgmma m64 tile.
-struct TileElement {
-  int row, feature;
-};
-template <int kCfg>
-__device__ __forceinline__ TileElement FragmentElement(int warp_n, int lane, int i, int q) {
-  using G = Geometry<kCfg>;
-  const int g = lane / 4, t = lane % 4;
-  if constexpr (G::kWeightsA) {
-    // Fragment (2u + h) * (tile_m / 8) + it: unit u, m16 half h (its n8
-    // feature tiles 2h + r, r = q / 2, row g), n8 token tile it (tokens
-    // 2t + e, e = q % 2).
-    const int it = i % (G::kTileM / 8), uh = i / (G::kTileM / 8);
-    const int u = uh / 2, h = uh % 2, r = q / 2, e = q % 2;
-    return {8 * it + 2 * t + e, (warp_n * G::kUnitsWarp + u) * kUnitN + 8 * (2 * h + r) + g};
-  } else {
-    // Fragment mb * n8_warp + 4u + j: m16 token block mb (rows g + 8 half,
-    // half = q / 2), n8 feature tile j of unit u (features 2t + b, b = q % 2).
-    const int mb = i / G::kN8Warp, u = (i % G::kN8Warp) / 4, j = i % 4;
-    const int half = q / 2, b = q % 2;
-    return {mb * 16 + g + 8 * half, (warp_n * G::kUnitsWarp + u) * kUnitN + 8 * j + 2 * t + b};
-  }
-}
 
 // ===========================================================================
 // The kernel.
@@ -590,83 +524,17 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
 }
 
 // ===========================================================================
-// The reduction pass (SplitReduce::kPass).
-// ===========================================================================
-
-// Block (col, slice) = (blockIdx.x / kReduceSlices, blockIdx.x % kReduceSlices):
-// if stripe boundaries cut column `col`, the block sums slice `slice` of the
-// column's partial tiles in CTA order (from 0, the same fp32 operations in
-// the same order as the last-CTA reduction, so the result is the same bits)
-// and stores it like the GEMM kernel's column epilogue; otherwise it returns
-// at once. Thread chunk (warp_n * frags + i) * 32 + lane of a partial tile is
-// fragment i of that lane and warp column, as the GEMM kernel wrote it.
-template <int kCfg, typename T>
-__global__ void __launch_bounds__(kThreads) MarlinSplitReduceKernel(const KernelParams p) {
-  using G = Geometry<kCfg>;
-  const int col = static_cast<int>(blockIdx.x) / G::kReduceSlices;
-  const int slice = static_cast<int>(blockIdx.x) % G::kReduceSlices;
-  const ColumnCtas ctas = CtasOfColumn(p, col);
-  if (ctas.first == ctas.last) return;  // one CTA did the whole column and stored it
-
-  const int chunk0 = slice * kThreads * G::kReduceChunks + static_cast<int>(threadIdx.x);
-  float4 sum[G::kReduceChunks];
-#pragma unroll
-  for (int j = 0; j < G::kReduceChunks; ++j) sum[j] = make_float4(0.f, 0.f, 0.f, 0.f);
-  // kBatch CTAs' partials are loaded before any is added (kBatch x
-  // kReduceChunks loads in flight per thread instead of one L2 round trip
-  // per CTA); the additions stay in CTA order.
-  constexpr int kBatch = 4;
-  for (int cta0 = ctas.first; cta0 <= ctas.last; cta0 += kBatch) {
-    float4 v[kBatch][G::kReduceChunks];
-#pragma unroll
-    for (int c = 0; c < kBatch; ++c)
-      if (cta0 + c <= ctas.last) {
-        const float4* const part = reinterpret_cast<const float4*>(p.partials) +
-                                   static_cast<int64_t>(PartialSlot(p, cta0 + c, col)) * G::kPartialChunks +
-                                   chunk0;
-#pragma unroll
-        for (int j = 0; j < G::kReduceChunks; ++j) v[c][j] = __ldcg(part + j * kThreads);
-      }
-#pragma unroll
-    for (int c = 0; c < kBatch; ++c)
-      if (cta0 + c <= ctas.last) {
-#pragma unroll
-        for (int j = 0; j < G::kReduceChunks; ++j)
-          sum[j].x += v[c][j].x, sum[j].y += v[c][j].y, sum[j].z += v[c][j].z, sum[j].w += v[c][j].w;
-      }
-  }
-
-  const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
-  const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
-  T* const c = static_cast<T*>(p.c);
-#pragma unroll
-  for (int j = 0; j < G::kReduceChunks; ++j) {
-    const int chunk = chunk0 + j * kThreads;
-    const int lane = chunk % 32, i = (chunk / 32) % G::kFrags, warp_n = chunk / (32 * G::kFrags);
-    const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const TileElement el = FragmentElement<kCfg>(warp_n, lane, i, q);
-      const int row = m_chunk * G::kTileM + el.row, nf = n_idx * G::kNTile + el.feature;
-      if (row < p.m && nf < p.n)
-        c[static_cast<int64_t>(row) * p.n + nf] =
-            ptx::FloatTo<T>(__fmul_rn(v[q], RowFactor(planes, p.n_pad, nf)));
-    }
-  }
-}
-
-// ===========================================================================
 // Host: launch (the plan comes from marlin_plan.cc).
 // ===========================================================================
 
 // Per-device "dynamic shared memory opt-in done" flags, per kernel instance.
 constexpr int kMaxDevices = 64;
 
-// The GEMM kernel, then (reduce_pass) the reduction pass over the plan's
-// columns (a plan with a split has n_cols < 4 x #SMs: see MakePlan).
+// The GEMM kernel, then, if the plan splits K and the row sums split columns
+// in the reduction pass, that pass over the plan's columns (a plan with a
+// split has n_cols < 4 x #SMs: see MakePlan).
 template <int kCfg, typename T>
-std::string LaunchConfig(const KernelParams& params, int grid, int n_cols, bool reduce_pass,
-                         cudaStream_t stream) {
+std::string LaunchConfig(const KernelParams& params, const Plan& plan, cudaStream_t stream) {
   constexpr int kSmem = Geometry<kCfg>::kSmemBytes;
   auto* kernel = &MarlinMxfp4GemmKernel<kCfg, T>;
   static std::atomic<bool> smem_set[kMaxDevices];
@@ -679,30 +547,25 @@ std::string LaunchConfig(const KernelParams& params, int grid, int n_cols, bool 
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     smem_set[device].store(true, std::memory_order_release);
   }
-  kernel<<<grid, kThreads, kSmem, stream>>>(params);
+  kernel<<<plan.grid, kThreads, kSmem, stream>>>(params);
   // cudaGetLastError reports launch-configuration errors of this launch (and
   // could report an earlier asynchronous error of another kernel).
   JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if constexpr (Geometry<kCfg>::kReducePass) {
-    if (reduce_pass) {
-      MarlinSplitReduceKernel<kCfg, T><<<n_cols * Geometry<kCfg>::kReduceSlices, kThreads, 0, stream>>>(params);
+    if (plan.split) {
+      MarlinSplitReduceKernel<kCfg, T><<<plan.n_cols * Geometry<kCfg>::kReduceSlices, kThreads, 0, stream>>>(
+          params);
       JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     }
-  } else if (reduce_pass) {
-    return "jax_mxfp4 marlin: the plan asks for a reduction pass that tile config " + std::to_string(kCfg) +
-           " does not have";
   }
   return "";
 }
 
 template <typename T, size_t... kIs>
-std::string LaunchDispatch(int cfg, const KernelParams& params, const Plan& plan, cudaStream_t stream,
+std::string LaunchDispatch(const KernelParams& params, const Plan& plan, cudaStream_t stream,
                            std::index_sequence<kIs...>) {
-  std::string result = "jax_mxfp4 marlin: no kernel for config " + std::to_string(cfg);
-  ((cfg == static_cast<int>(kIs)
-        ? (result = LaunchConfig<kIs, T>(params, plan.grid, plan.n_cols, plan.reduce_pass, stream), 0)
-        : 0),
-   ...);
+  std::string result = "jax_mxfp4 marlin: no kernel for config " + std::to_string(plan.cfg);
+  ((plan.cfg == static_cast<int>(kIs) ? (result = LaunchConfig<kIs, T>(params, plan, stream), 0) : 0), ...);
   return result;
 }
 
@@ -777,8 +640,8 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(kp.counters, 0, plan.counter_bytes, stream));
   const auto seq = std::make_index_sequence<kNumTileConfigs>{};
   if (args.dtype == InputDType::kBF16)
-    return LaunchDispatch<__nv_bfloat16>(plan.cfg, kp, plan, stream, seq);
-  return LaunchDispatch<__half>(plan.cfg, kp, plan, stream, seq);
+    return LaunchDispatch<__nv_bfloat16>(kp, plan, stream, seq);
+  return LaunchDispatch<__half>(kp, plan, stream, seq);
 }
 
 }  // namespace marlin

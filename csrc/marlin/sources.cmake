@@ -5,7 +5,8 @@
 #   XLA_FFI_INCLUDE_DIR   from `python -c "import jax; print(jax.ffi.include_dir())"`
 #   JAX_MXFP4_CSRC_DIR    the repository's csrc/ directory
 # Provides:
-#   mxfp4_marlin          OBJECT library: the GEMM kernel and launch (marlin_gemm.cu),
+#   mxfp4_marlin          OBJECT library: the GEMM kernel and launch (marlin_gemm.cu,
+#                         with marlin_split_reduce.cuh: the split-K reduction pass),
 #                         its planner and GPU-free host API (marlin_plan.cc),
 #                         the dense dequantization of prepared weights for the
 #                         large-M path (marlin_dequantize.cu) and the XLA FFI

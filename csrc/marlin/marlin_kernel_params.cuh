@@ -1,0 +1,32 @@
+// The Marlin GEMM kernel's launch parameters (marlin_gemm.cu fills them from
+// the plan of marlin_plan.cc; the host computes everything derived, see
+// MakePlan). The GEMM kernel and the split-K reduction pass
+// (marlin_split_reduce.cuh) take the same struct.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace jax_mxfp4 {
+namespace marlin {
+
+struct KernelParams {
+  const void* a;          // [m, 32 kb_count] activations, row-major, type T
+  const uint4* tiles;     // prepared weights [kb_count][n_pad / 32 units][32 lanes] x 16 B
+  const uint8_t* scales;  // prepared scales [kb_count + 4][n_pad] bytes
+  void* c;                // [m, n] output, row-major, type T
+  float* partials;        // split-K partial tiles: [2 grid][tile_m * n_tile] fp32
+  int* counters;          // per-column arrival counters [n_cols], zeroed before launch
+                          // (SplitReduce::kLastCta; nullptr for kPass)
+  int m, n, n_pad;        // true rows of A, true and padded output features
+  int kb_count;           // K / 32
+  int k_tiles;            // k tiles per column = ceil(kb_count / (k_tile / 32))
+  int m_chunks;           // ceil(m / tile_m); col = n_tile_idx * m_chunks + m_chunk
+  int iters;              // tiles per CTA stripe
+  int total_tiles;        // n_cols * k_tiles
+  int stream_weights;     // 1: each weight tile is read by one column -> L2 evict_first
+};
+
+}  // namespace marlin
+}  // namespace jax_mxfp4
