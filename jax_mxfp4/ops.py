@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 
 from jax_mxfp4 import reference, validation
@@ -60,7 +58,7 @@ def _config(x_shape, x_dtype, w_packed, w_scales, activation_format, activation_
         activation_dtype=x_dtype,
         activation_format=activation_format,
         activation_rounding=parse_rounding(activation_rounding),
-        tokens=math.prod(int(d) for d in x_shape[:-1]),
+        tokens=kernel_base.tokens_of(x_shape),
     )
 
 
@@ -141,6 +139,6 @@ def explain_selection(x_shape, x_dtype, w_shape, *, activation_format=None, kern
         out_features=n,
         activation_dtype=x_dtype,
         activation_format=activation_format,
-        tokens=math.prod(x_shape[:-1]),
+        tokens=kernel_base.tokens_of(x_shape),
     )
     return kernel_base.select_kernel(config, kernel=kernel).explain()

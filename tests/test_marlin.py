@@ -125,8 +125,9 @@ def test_two_ctas_per_sm_only_where_measured():
 
 
 def test_two_ctas_per_sm_plan_is_traced_with_its_workspace(rng):
-    """The planned grid reaches the custom call: the workspace abstract eval asks for
-    (2 x the SM count) CTAs' partial tiles where the device plans two CTAs per SM."""
+    """The CTAs per SM reach the custom call as its sm_count attribute (which sizes the
+    launch's grid and workspace): twice the SM count when two are asked for, and the
+    planned count (one on this device) by default."""
     wp, ws = random_weights(rng, 64, 128)
     kernel = kernels.get_kernel("marlin")
     prepared = kernel.prepare_weights(wp, ws, LinearConfig(128, 64))

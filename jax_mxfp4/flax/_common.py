@@ -10,7 +10,6 @@ plus an optional ``bias[N]`` in ``param_dtype``. Flax's own Dense/Linear keep
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -79,10 +78,6 @@ def compute_dtype(x_dtype, dtype, param_dtype) -> jnp.dtype:
     if dtype is not None:
         return jnp.dtype(dtype)
     return jnp.dtype(jnp.result_type(x_dtype, param_dtype))
-
-
-def tokens_of(shape) -> int:
-    return math.prod(int(d) for d in shape[:-1])
 
 
 def quantize_kernel(kernel_kn, rounding):

@@ -198,7 +198,7 @@ def dense_forward(module: nn.Module, x, spec: DenseSpec, *, convert_kernel: bool
     cdtype = _common.compute_dtype(x.dtype, spec.dtype, spec.param_dtype)
     x = x.astype(cdtype)
     k = validation.check_activations(x)
-    tokens = _common.tokens_of(x.shape)
+    tokens = kernel_base.tokens_of(x.shape)
 
     weight_box = None
     if convert_kernel:

@@ -34,7 +34,7 @@ import jax_mxfp4
 from jax_mxfp4.flax import _common
 from jax_mxfp4.flax._common import DEFAULT_ROUNDING, LayerOptions
 from jax_mxfp4.flax.linen import PreparedLayer, PrepareReport, prepare_selected
-from jax_mxfp4.kernels.base import PreparedWeights
+from jax_mxfp4.kernels.base import PreparedWeights, tokens_of
 
 __all__ = ["MxFp4Linear", "MxFp4Prepared", "prepare"]
 
@@ -207,7 +207,7 @@ class MxFp4Linear(nnx.Module):
             prepared = self.prepared.get_value()
         else:  # not prepared: convert inside the call (free for the cpu/xla kernels)
             prepared = _common.prepare(self.weight_packed[...], self.weight_scale[...], self.options, cdtype,
-                                       _common.tokens_of(x.shape))
+                                       tokens_of(x.shape))
         y = jax_mxfp4.mxfp4_linear(x, prepared, bias)
         if out_sharding is not None:
             y = jax.lax.with_sharding_constraint(y, out_sharding)

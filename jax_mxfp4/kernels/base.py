@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 import os
 from typing import ClassVar
 
@@ -42,6 +43,7 @@ __all__ = [
     "get_kernel",
     "register_kernel",
     "select_kernel",
+    "tokens_of",
 ]
 
 KERNEL_ENV_VAR = "JAX_MXFP4_KERNEL"
@@ -50,6 +52,11 @@ ACTIVATION_FORMATS = (None, "mxfp4")
 
 class KernelUnavailableError(RuntimeError):
     """No kernel (or not the forced one) can run this layer on this device."""
+
+
+def tokens_of(shape) -> int:
+    """M of an activation of shape ``[..., K]``: the product of its leading dims (LinearConfig.tokens)."""
+    return math.prod(int(d) for d in shape[:-1])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,6 @@ two CTAs per SM at M <= 8 on an H200 (``TWO_CTAS_PER_SM``).
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 
 from jax_mxfp4 import _native
@@ -27,6 +25,7 @@ from jax_mxfp4.kernels.base import (
     PreparedWeights,
     default_device,
     register_kernel,
+    tokens_of,
 )
 from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marlin_weights, prepared_specs
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
@@ -140,7 +139,7 @@ class MarlinKernel(Mxfp4LinearKernel):
         return prepared_specs(n_axes, k_axes)
 
     def matmul(self, x, weights: PreparedWeights):
-        tokens = math.prod(int(d) for d in x.shape[:-1])
+        tokens = tokens_of(x.shape)
         dense_from = dense_from_tokens()
         if dense_from is not None and tokens >= dense_from:
             return self.dense_matmul(x, weights)
@@ -159,7 +158,7 @@ class MarlinKernel(Mxfp4LinearKernel):
         an error."""
         config = weights.config
         if ctas_per_sm is None:
-            tokens = math.prod(int(d) for d in x.shape[:-1])
+            tokens = tokens_of(x.shape)
             ctas_per_sm = planned_ctas_per_sm(tokens, config, default_device().device_kind)
         has_wgmma = _has_wgmma()
         if wgmma and not has_wgmma:
