@@ -370,6 +370,52 @@ JAX_MXFP4_WGMMA_RS(__half, "f16", 128, 64, 64, 65, 66, 67, 68, 69)
 #undef JAX_MXFP4_WGMMA_RS
 
 // ===========================================================================
+// Device: thread-block clusters (sm_90) and distributed shared memory
+// #cluster-of-cooperative-thread-arrays, #data-movement-and-conversion-instructions-mapa
+// ===========================================================================
+//
+// Compiled for sm_90+; elsewhere they trap (the host launches clusters only
+// on a compute capability 9.0 device, like the wgmma kernels).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define JAX_MXFP4_HAS_CLUSTERS 1
+#endif
+
+// Every thread of every CTA of the cluster arrives, then waits for all:
+// release / acquire, so shared-memory writes before it (by any CTA of the
+// cluster) are visible to distributed shared-memory reads after it.
+__device__ __forceinline__ void ClusterSync() {
+#if defined(JAX_MXFP4_HAS_CLUSTERS)
+  asm volatile("barrier.cluster.arrive.release.aligned;\n"
+               "barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+// The address, in the cluster's shared window, of this CTA's shared-memory
+// address `smem_addr` in the CTA of cluster rank `rank`.
+__device__ __forceinline__ uint32_t MapSharedToRank(uint32_t smem_addr, uint32_t rank) {
+  uint32_t r = 0;
+#if defined(JAX_MXFP4_HAS_CLUSTERS)
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(smem_addr), "r"(rank));
+#else
+  __trap();
+#endif
+  return r;
+}
+__device__ __forceinline__ float4 LoadSharedCluster(uint32_t cluster_addr) {
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#if defined(JAX_MXFP4_HAS_CLUSTERS)
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(cluster_addr)
+               : "memory");
+#else
+  __trap();
+#endif
+  return v;
+}
+
+// ===========================================================================
 // Device: cross-CTA signalling through global memory
 // ===========================================================================
 //

@@ -64,7 +64,7 @@ def tile_configs():
         cfg["max_m"] = 2**31 - 1 if r[7] == "INT_MAX" else int(r[7])
         cfg["min_n"] = int(r[8])
         cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[9]]
-        cfg["reduce"] = {"LastCta": "last_cta", "Pass": "pass"}[r[10]]
+        cfg["reduce"] = {"LastCta": "last_cta", "Pass": "pass", "Cluster": "cluster"}[r[10]]
         # Geometry::kWeightsA: the dequantized weights are the MMA's A operand
         cfg["weights_a"] = cfg["path"] == "wgmma" or cfg["tile_m"] < 16
         out.append(cfg)

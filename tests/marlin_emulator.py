@@ -35,8 +35,11 @@ def ceil_div(a, b):
     return -(-a // b)
 
 
-def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None):
-    """MakePlan; ``reduce`` ("last_cta" / "pass") replaces the row's SplitReduce (emulation only)."""
+def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None, capacity=None):
+    """MakePlan; ``reduce`` ("last_cta" / "pass") replaces the row's SplitReduce (emulation only).
+
+    ``capacity`` ({2: clusters, 4: ..., 8: ...}, ClusterCapacity): with it, cluster split-K for the
+    SplitReduce::kCluster rows (plan ``cluster`` > 1, grid = n_cols x cluster) where one fits."""
     cfgs = tile_configs()
     if cfg_index is None:
         skip = "mma_sync" if wgmma else "wgmma"
@@ -48,20 +51,29 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None):
     k_tiles = ceil_div(k // 32, c["k_tile"] // 32)
     n_cols = m_chunks * n_tiles
     total = n_cols * k_tiles
+    if c["reduce"] == "cluster" and capacity:  # cluster split-K (wgmma rows, not emulated)
+        fits = [s for s in (2, 4, 8) if n_cols <= capacity.get(s, 0) and s * n_cols <= sm_count and 2 * s <= k_tiles]
+        cluster = max(fits, default=1)
+        if 3 * cluster * n_cols < 2 * sm_count:  # keeps >= 2/3 of the SMs busy
+            cluster = 1
+        if cluster > 1:
+            return dict(cfg=cfg_index, c=c, m_chunks=m_chunks, n_tiles=n_tiles, k_tiles=k_tiles,
+                        n_cols=n_cols, total=total, grid=n_cols * cluster, iters=ceil_div(k_tiles, cluster),
+                        split=True, reduce_pass=False, cluster=cluster, ws=0)
     grid = min(sm_count, total)
     iters = ceil_div(total, grid)
     if n_cols >= 4 * sm_count:
         iters = ceil_div(iters, k_tiles) * k_tiles
     grid = ceil_div(total, iters)
     split = grid > 1 and iters % k_tiles != 0
-    reduce_pass = split and (reduce or c["reduce"]) == "pass"
+    reduce_pass = split and (reduce or c["reduce"]) in ("pass", "cluster")  # cluster rows: pass fallback
     ws = 0
     if split:
         counters = 0 if reduce_pass else ceil_div(4 * n_cols, 256) * 256
         ws = counters + 2 * grid * c["tile_m"] * c["n_tile"] * 4
     return dict(cfg=cfg_index, c=c, m_chunks=m_chunks, n_tiles=n_tiles, k_tiles=k_tiles,
                 n_cols=n_cols, total=total, grid=grid, iters=iters, split=split,
-                reduce_pass=reduce_pass, ws=ws)
+                reduce_pass=reduce_pass, cluster=0, ws=ws)
 
 
 # ---------------------------------------------------------------------------

@@ -208,6 +208,31 @@ def test_plan_configs_cover_m():
     assert p["grid"] <= 132 and p["split"]
 
 
+def test_cluster_split_plans():
+    """wgmma128 with a cluster capacity: the largest cluster (2, 4, 8 CTAs) whose n_cols clusters run
+    at once, within the SMs, >= 2 k tiles per CTA, if it keeps >= 2/3 of the SMs busy; else stripes
+    with the reduction pass."""
+    cap = {2: 66, 4: 32, 8: 16}  # illustrative (the lent H100: 66 / 30 / 15)
+    p = make_plan(128, 4096, 4096, 132, wgmma=True, capacity=cap)  # 16 columns
+    assert (p["cluster"], p["grid"], p["iters"], p["ws"]) == (8, 128, 8, 0) and p["split"]
+    p = make_plan(128, 8192, 8192, 132, wgmma=True, capacity=cap)  # 32 columns
+    assert (p["cluster"], p["grid"]) == (4, 128)
+    p = make_plan(128, 8192, 8192, 132, wgmma=True, capacity={2: 66, 4: 30, 8: 15})  # 4 does not fit,
+    assert p["cluster"] == 0 and p["reduce_pass"]  # and 2 would leave half the SMs idle
+    p = make_plan(256, 8192, 8192, 132, wgmma=True, capacity={2: 66, 4: 30, 8: 15})  # 64 columns
+    assert (p["cluster"], p["grid"]) == (2, 128)
+    p = make_plan(128, 5760, 2880, 132, wgmma=True, capacity={2: 66, 4: 30, 8: 15})  # 23 columns: 92 CTAs
+    assert (p["cluster"], p["grid"]) == (4, 92)
+    p = make_plan(256, 14336, 4096, 132, wgmma=True, capacity=cap)  # 2 m chunks x 56 n tiles
+    assert p["cluster"] == 0 and p["reduce_pass"] and p["ws"] > 0
+    p = make_plan(128, 4096, 256, 132, wgmma=True, capacity=cap)  # 4 k tiles: at most clusters of 2
+    assert p["cluster"] == 0 and p["reduce_pass"]
+    # without a capacity (trace time: the workspace's upper bound), wgmma64 and mma.sync rows: never
+    assert make_plan(128, 4096, 4096, 132, wgmma=True)["cluster"] == 0
+    assert make_plan(64, 4096, 4096, 132, wgmma=True, capacity=cap)["cluster"] == 0
+    assert make_plan(128, 4096, 4096, 132, capacity=cap)["cluster"] == 0
+
+
 # ---------------------------------------------------------------------------
 # Cross-check with the C++ MakePlan (compiled here, host code only).
 
@@ -220,20 +245,33 @@ int main(int argc, char** argv) {
     const long m = atol(argv[i]), n = atol(argv[i + 1]), k = atol(argv[i + 2]);
     const int sms = atoi(argv[i + 3]);
     const bool wgmma = atoi(argv[i + 4]) != 0;
-    std::printf("%s|%lld\n", jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
-                (long long)jax_mxfp4::marlin::MarlinWorkspaceBytes(m, n, k, sms, wgmma));
+    jax_mxfp4::marlin::ClusterCapacity cap;  // CAPACITY below
+    cap.clusters[1] = 66, cap.clusters[2] = 30, cap.clusters[3] = 15;
+    std::printf("%s|%lld|%s\n", jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
+                (long long)jax_mxfp4::marlin::MarlinWorkspaceBytes(m, n, k, sms, wgmma),
+                jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms, wgmma, nullptr, &cap).c_str());
   }
   return 0;
 }
 """
 
+CAPACITY = {2: 66, 4: 30, 8: 15}  # the probe's ClusterCapacity (the lent H100's)
+
 PLAN_SHAPES = [
     (m, n, k, sms, wgmma)
     for (n, k) in [(4096, 4096), (8192, 8192), (28672, 8192), (200, 4160), (5760, 2880), (96, 96)]
-    for m in (1, 8, 9, 16, 32, 64, 129, 1024)
+    for m in (1, 8, 9, 16, 32, 64, 129, 256, 1024)
     for sms in (132, 7)
     for wgmma in (0, 1)
 ]
+
+
+def _split_name(p):
+    if not p["split"]:
+        return "no"
+    if p["cluster"]:
+        return f"cluster{p['cluster']}"
+    return "pass" if p["reduce_pass"] else "last-cta"
 
 
 @needs_compiler("nvcc", "the host planner")
@@ -248,17 +286,26 @@ def test_python_plan_equals_cpp_plan(tmp_path):
     )
     args = [str(v) for shape in PLAN_SHAPES for v in shape]
     lines = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()
+    clusters = 0
     for (m, n, k, sms, wgmma), line in zip(PLAN_SHAPES, lines, strict=True):
-        desc, ws = line.split("|")
+        desc, ws, desc_cap = line.split("|")
         p = make_plan(m, n, k, sms, wgmma=bool(wgmma))
-        c = p["c"]
-        expect = (
-            f"{c['name']} m{c['tile_m']}xn{c['n_tile']}xk{c['k_tile']} grid={p['grid']} "
-            f"iters={p['iters']} cols={p['n_cols']} k_tiles={p['k_tiles']} "
-            f"split={('pass' if p['reduce_pass'] else 'last-cta') if p['split'] else 'no'} ws={p['ws']}"
-        )
-        assert desc == expect
+        assert desc == _describe(p)
         assert int(ws) == p["ws"]
+        p_cap = make_plan(m, n, k, sms, wgmma=bool(wgmma), capacity=CAPACITY)
+        assert desc_cap == _describe(p_cap)
+        assert p_cap["ws"] <= p["ws"]  # the trace-time workspace is an upper bound
+        clusters += p_cap["cluster"] > 0
+    assert clusters > 0, "no cluster plan among PLAN_SHAPES"
+
+
+def _describe(p):
+    c = p["c"]
+    return (
+        f"{c['name']} m{c['tile_m']}xn{c['n_tile']}xk{c['k_tile']} grid={p['grid']} "
+        f"iters={p['iters']} cols={p['n_cols']} k_tiles={p['k_tiles']} "
+        f"split={_split_name(p)} ws={p['ws']}"
+    )
 
 
 # ---------------------------------------------------------------------------

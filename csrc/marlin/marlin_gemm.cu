@@ -99,8 +99,17 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   const int units = p.n_pad / kUnitN;
   const T* const a = static_cast<const T*>(p.a);
 
-  const int t_begin = blockIdx.x * p.iters;
-  const int t_end = min(t_begin + p.iters, p.total_tiles);
+  // This CTA's tiles: a stripe, or with cluster split-K (kCluster rows) its
+  // cluster rank's share of one column's k tiles (MakePlan: >= 2 each).
+  int t_begin = blockIdx.x * p.iters;
+  int t_end = min(t_begin + p.iters, p.total_tiles);
+  if constexpr (G::kClusterSplit) {
+    if (p.cluster_split > 1) {
+      const int col = blockIdx.x / p.cluster_split, rank = blockIdx.x % p.cluster_split;
+      t_begin = col * p.k_tiles + rank * p.k_tiles / p.cluster_split;
+      t_end = col * p.k_tiles + (rank + 1) * p.k_tiles / p.cluster_split;
+    }
+  }
   if (t_begin >= t_end) return;  // the host sizes the grid so this never happens
   // Weights are streamed (read once) unless several m chunks share them.
   const uint64_t policy =
@@ -386,7 +395,17 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
       // `red` is next written after the next stage barrier.
     }
     // 2. Split-K column: publish; then either the reduction pass sums it, or
-    //    arrivals are counted and the last CTA sums all partials in CTA order.
+    //    arrivals are counted and the last CTA sums all partials in CTA order,
+    //    or (cluster split-K) the cluster sums it in shared memory.
+    if constexpr (G::kClusterSplit) {
+      if (p.cluster_split > 1) {
+        ptx::CpAsyncWait<0>();  // (only empty groups remain: the CTA's one column is done)
+        __syncthreads();        // every warp's wgmma groups, which read the stages, are retired
+        ClusterSumColumn<kCfg, T>(p, col, acc, pipe);
+        zero_acc();  // (as every column ends: the accumulators need not live through the sum)
+        return;
+      }
+    }
     const ColumnCtas ctas = CtasOfColumn(p, col);
     bool store = true;
     if (ctas.first != ctas.last) {
@@ -547,18 +566,73 @@ std::string LaunchConfig(const KernelParams& params, const Plan& plan, cudaStrea
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem));
     smem_set[device].store(true, std::memory_order_release);
   }
-  kernel<<<plan.grid, kThreads, kSmem, stream>>>(params);
+  if (plan.cluster > 1) {  // cluster split-K: clusters of plan.cluster CTAs along x
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(plan.grid);
+    config.blockDim = dim3(kThreads);
+    config.dynamicSmemBytes = kSmem;
+    config.stream = stream;
+    cudaLaunchAttribute attribute[1];
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = plan.cluster;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+    JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, params));
+  } else {
+    kernel<<<plan.grid, kThreads, kSmem, stream>>>(params);
+  }
   // cudaGetLastError reports launch-configuration errors of this launch (and
   // could report an earlier asynchronous error of another kernel).
   JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   if constexpr (Geometry<kCfg>::kReducePass) {
-    if (plan.split) {
+    if (plan.split && plan.cluster <= 1) {
       MarlinSplitReduceKernel<kCfg, T><<<plan.n_cols * Geometry<kCfg>::kReduceSlices, kThreads, 0, stream>>>(
           params);
       JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetLastError());
     }
   }
   return "";
+}
+
+// Clusters of 2, 4, 8 CTAs of row kCfg's kernel the device runs at once.
+template <int kCfg>
+ClusterCapacity QueryClusterCapacity() {
+  ClusterCapacity cap;
+  if constexpr (Geometry<kCfg>::kClusterSplit) {
+    constexpr int kSmem = Geometry<kCfg>::kSmemBytes;
+    auto* kernel = &MarlinMxfp4GemmKernel<kCfg, __nv_bfloat16>;  // (f16: the same resources)
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
+      return ClusterCapacity{};
+    for (int log2 = 1, size = 2; size <= kMaxClusterSplit; ++log2, size *= 2) {
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(size);
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = kSmem;
+      cudaLaunchAttribute attribute[1];
+      attribute[0].id = cudaLaunchAttributeClusterDimension;
+      attribute[0].val.clusterDim.x = size;
+      attribute[0].val.clusterDim.y = 1;
+      attribute[0].val.clusterDim.z = 1;
+      config.attrs = attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();  // clear it: not a launch error
+        return ClusterCapacity{};
+      }
+      cap.clusters[log2] = clusters;
+    }
+  }
+  return cap;
+}
+
+template <size_t... kIs>
+ClusterCapacity QueryClusterCapacityDispatch(int cfg, std::index_sequence<kIs...>) {
+  ClusterCapacity cap;
+  ((cfg == static_cast<int>(kIs) ? (cap = QueryClusterCapacity<kIs>(), 0) : 0), ...);
+  return cap;
 }
 
 template <typename T, size_t... kIs>
@@ -585,6 +659,33 @@ int MarlinDeviceSmCount(int device) {
   return v;
 }
 
+ClusterCapacity MarlinClusterCapacity(int device, int64_t m, int64_t n, int64_t k, bool use_wgmma,
+                                      const char* tile_config) {
+  Plan plan;
+  if (!use_wgmma || device < 0 || device >= kMaxDevices ||
+      !MakePlan(m, n, k, MarlinDeviceSmCount(device), use_wgmma, &plan, tile_config) ||
+      kTileConfigs[plan.cfg].reduce != SplitReduce::kCluster)
+    return ClusterCapacity{};
+  // Per device and row: 0 = not queried yet, -1 = none (query failed or not 9.0).
+  static std::atomic<int> cache[kMaxDevices][kNumTileConfigs][4];
+  std::atomic<int>* const slot = cache[device][plan.cfg];
+  if (slot[1].load(std::memory_order_acquire) == 0) {
+    int current = 0, major = 0, minor = 0;
+    ClusterCapacity cap;
+    if (cudaGetDevice(&current) == cudaSuccess && (current == device || cudaSetDevice(device) == cudaSuccess)) {
+      if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+          cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+          major == 9 && minor == 0)
+        cap = QueryClusterCapacityDispatch(plan.cfg, std::make_index_sequence<kNumTileConfigs>{});
+      if (current != device) cudaSetDevice(current);
+    }
+    for (int i = 3; i >= 1; --i) slot[i].store(cap.clusters[i] > 0 ? cap.clusters[i] : -1, std::memory_order_release);
+  }
+  ClusterCapacity cap;
+  for (int i = 1; i < 4; ++i) cap.clusters[i] = std::max(0, slot[i].load(std::memory_order_acquire));
+  return cap;
+}
+
 std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
   const std::string why = MarlinCanImplement(args.n, args.k);
   if (!why.empty()) return "jax_mxfp4 marlin: " + why;
@@ -592,17 +693,20 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
     return "jax_mxfp4 marlin: dtype must be bf16 or f16";
   if (args.m < 0) return "jax_mxfp4 marlin: negative M";
   if (args.m == 0) return "";
+  int device = 0;
+  JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
   if (args.use_wgmma) {  // the sm_80 cubin has no wgmma: never launch it elsewhere
-    int device = 0, major = 0, minor = 0;
-    JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
+    int major = 0, minor = 0;
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     if (major != 9 || minor != 0)
       return "jax_mxfp4 marlin: use_wgmma needs a compute capability 9.0 device (sm_90a code), this is " +
              std::to_string(major) + "." + std::to_string(minor);
   }
+  const ClusterCapacity capacity =
+      MarlinClusterCapacity(device, args.m, args.n, args.k, args.use_wgmma, args.tile_config);
   Plan plan;
-  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config))
+  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config, &capacity))
     return "jax_mxfp4 marlin: cannot plan M=" + std::to_string(args.m) +
            (args.tile_config ? std::string(" with tile config ") + args.tile_config : std::string());
   const int64_t need = plan.counter_bytes + plan.partial_bytes;
@@ -635,6 +739,7 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
   kp.iters = plan.iters;
   kp.total_tiles = static_cast<int>(plan.total);
   kp.stream_weights = plan.m_chunks == 1 ? 1 : 0;
+  kp.cluster_split = plan.cluster;
 
   if (plan.counter_bytes > 0)  // arrival counters start at zero; partial tiles need no init
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaMemsetAsync(kp.counters, 0, plan.counter_bytes, stream));

@@ -18,6 +18,7 @@
 #include <string>
 
 #include "../mxfp4.h"
+#include "marlin_plan.h"
 
 namespace jax_mxfp4 {
 namespace marlin {
@@ -42,10 +43,19 @@ int64_t MarlinWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, bool
 int MarlinDeviceSmCount(int device);
 
 // Human-readable launch plan ("small m16xn128xk256 grid=128 iters=16 ...
-// split=last-cta ws=..."; split= no | last-cta | pass, the SplitReduce of the
-// row), for benchmarks and the self-test.
+// split=last-cta ws=..."; split= no | last-cta | pass | clusterS, the
+// SplitReduce of the row), for benchmarks and the self-test. Without
+// `capacity` the trace-time plan (never a cluster plan, see MakePlan); with
+// MarlinClusterCapacity's, the one MarlinGemm launches on that device.
 std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
-                               const char* tile_config = nullptr);
+                               const char* tile_config = nullptr, const ClusterCapacity* capacity = nullptr);
+
+// The cluster capacity of device `device` for the tile row MarlinGemm would
+// use (queried once per device and row, cached; all zero where the row has
+// no cluster split-K, the device is not compute capability 9.0 or a query
+// fails). Needs a CUDA device.
+ClusterCapacity MarlinClusterCapacity(int device, int64_t m, int64_t n, int64_t k, bool use_wgmma,
+                                      const char* tile_config = nullptr);
 
 struct MarlinGemmArgs {
   const void* a;          // [m, k] activations, row-major, dtype `dtype`

@@ -26,6 +26,8 @@ struct KernelParams {
   int iters;              // tiles per CTA stripe
   int total_tiles;        // n_cols * k_tiles
   int stream_weights;     // 1: each weight tile is read by one column -> L2 evict_first
+  int cluster_split;      // > 1: cluster split-K over clusters of this many CTAs (Plan::cluster);
+                          // 0: stripes of `iters` tiles
 };
 
 }  // namespace marlin

@@ -16,7 +16,19 @@ struct Plan {
   int iters = 0, grid = 0;
   bool split = false;
   bool reduce_pass = false;  // split columns are summed by the reduction pass (SplitReduce::kPass)
+  int cluster = 0;           // > 1: cluster split-K (SplitReduce::kCluster): grid = n_cols x cluster,
+                             // CTA b takes k tiles [r k_tiles / cluster, (r + 1) k_tiles / cluster)
+                             // of column b / cluster, r = b % cluster; no workspace
   int64_t counter_bytes = 0, partial_bytes = 0;
+};
+
+// How many clusters of 2, 4 and 8 CTAs of one tile row's kernel the device
+// runs at once (cudaOccupancyMaxActiveClusters: a cluster's CTAs must share
+// a GPC, so this is a property of the device's GPC layout, not sm_count / S).
+// 0: unknown, no cluster of that size is planned.
+struct ClusterCapacity {
+  int clusters[4] = {0, 0, 0, 0};  // [log2 of the cluster size]; [0] unused
+  int Of(int size) const { return size == 2 ? clusters[1] : size == 4 ? clusters[2] : size == 8 ? clusters[3] : 0; }
 };
 
 // The one function that turns (m, n, k, sm_count, wgmma) into a launch; used
@@ -24,8 +36,14 @@ struct Plan {
 // for an unsupported shape (MarlinCanImplement) or m < 1 or sm_count < 1, and
 // for a `tile_config` (a row name forced instead of the choice by M) that is
 // not in the table or is a wgmma row without `wgmma`.
+// Cluster split-K (SplitReduce::kCluster rows) is planned only with a
+// `capacity` (MarlinGemm queries it on the device): the largest cluster of
+// 8, 4, 2 CTAs such that all n_cols clusters run at once, n_cols x cluster
+// <= sm_count and each CTA gets >= 2 k tiles; without one, or where none
+// fits, the stripes. The workspace of the plan without `capacity` is thus an
+// upper bound (a cluster plan needs none).
 bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan,
-              const char* tile_config = nullptr);
+              const char* tile_config = nullptr, const ClusterCapacity* capacity = nullptr);
 
 }  // namespace marlin
 }  // namespace jax_mxfp4

@@ -474,6 +474,12 @@ int main(int argc, char** argv) {
   opt.use_wgmma = prop.major == 9 && prop.minor == 0 && !opt.force_mma_sync;
   std::printf("device: %s (sm_%d%d, %d SMs, L2 %d MB); planning for %d SMs, %s above M = 32\n", prop.name,
               prop.major, prop.minor, dev_sms, prop.l2CacheSize >> 20, sms, opt.use_wgmma ? "wgmma" : "mma.sync");
+  if (opt.use_wgmma)
+    for (int m : {64, 128}) {  // the wgmma rows' cluster split-K capacity (MakePlan)
+      const marlin::ClusterCapacity c = marlin::MarlinClusterCapacity(0, m, 4096, 4096, true);
+      std::printf("clusters of 2 / 4 / 8 CTAs the device runs at once (M = %d row): %d / %d / %d\n", m,
+                  c.clusters[1], c.clusters[2], c.clusters[3]);
+    }
   cudaStream_t stream;
   CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   const double copy_gbps = opt.timing ? MeasureCopyGBps(stream) : 0;
@@ -527,7 +533,10 @@ int main(int argc, char** argv) {
                         r.tflops, r.cublas_us);
           else
             std::printf(" %9s %8s %6s %7s %9s |", "-", "-", "-", "-", "-");
-          std::printf(" %s%s%s\n", marlin::MarlinDescribePlan(m, sh.n, sh.k, s, opt.use_wgmma, opt.TileConfig()).c_str(),
+          const marlin::ClusterCapacity capacity =
+              marlin::MarlinClusterCapacity(0, m, sh.n, sh.k, opt.use_wgmma, opt.TileConfig());
+          std::printf(" %s%s%s\n",
+                      marlin::MarlinDescribePlan(m, sh.n, sh.k, s, opt.use_wgmma, opt.TileConfig(), &capacity).c_str(),
                       opt.timing && prep.l2_resident ? " [weights L2-resident]" : "",
                       r.nan_bad ? (" nan_bad=" + std::to_string(r.nan_bad)).c_str() : "");
         }

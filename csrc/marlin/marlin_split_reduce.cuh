@@ -5,7 +5,9 @@
 //   * which output row and feature each accumulator element is
 //     (FragmentElement), used by the GEMM kernel's column epilogue and by
 //   * MarlinSplitReduceKernel, the second kernel of a plan whose tile row
-//     has SplitReduce::kPass (NOTES.md section 4).
+//     has SplitReduce::kPass (NOTES.md section 4), and
+//   * ClusterSumColumn, the cluster split-K sum of SplitReduce::kCluster
+//     plans (Plan::cluster > 1) through distributed shared memory.
 #pragma once
 
 #include <cstdint>
@@ -62,6 +64,26 @@ __device__ __forceinline__ TileElement FragmentElement(int warp_n, int lane, int
   }
 }
 
+// Stores chunk `chunk` (fragment i of lane `lane` of warp column warp_n: the
+// partial tiles' order) of column `col`'s summed tile: C = F[n] * sum, rows
+// >= m and features >= n skipped. The reduction pass and the cluster sum.
+template <int kCfg, typename T>
+__device__ __forceinline__ void StoreSummedChunk(const KernelParams& p, int col, int chunk, const float4& sum) {
+  using G = Geometry<kCfg>;
+  const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
+  const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
+  T* const c = static_cast<T*>(p.c);
+  const int lane = chunk % 32, i = (chunk / 32) % G::kFrags, warp_n = chunk / (32 * G::kFrags);
+  const float v[4] = {sum.x, sum.y, sum.z, sum.w};
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    const TileElement el = FragmentElement<kCfg>(warp_n, lane, i, q);
+    const int row = m_chunk * G::kTileM + el.row, nf = n_idx * G::kNTile + el.feature;
+    if (row < p.m && nf < p.n)
+      c[static_cast<int64_t>(row) * p.n + nf] = ptx::FloatTo<T>(__fmul_rn(v[q], RowFactor(planes, p.n_pad, nf)));
+  }
+}
+
 // Block (col, slice) = (blockIdx.x / kReduceSlices, blockIdx.x % kReduceSlices):
 // if stripe boundaries cut column `col`, the block sums slice `slice` of the
 // column's partial tiles in CTA order (from 0, the same fp32 operations in
@@ -105,23 +127,52 @@ __global__ void __launch_bounds__(kThreads) MarlinSplitReduceKernel(const Kernel
       }
   }
 
-  const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
-  const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
-  T* const c = static_cast<T*>(p.c);
 #pragma unroll
-  for (int j = 0; j < G::kReduceChunks; ++j) {
-    const int chunk = chunk0 + j * kThreads;
-    const int lane = chunk % 32, i = (chunk / 32) % G::kFrags, warp_n = chunk / (32 * G::kFrags);
-    const float v[4] = {sum[j].x, sum[j].y, sum[j].z, sum[j].w};
+  for (int j = 0; j < G::kReduceChunks; ++j) StoreSummedChunk<kCfg, T>(p, col, chunk0 + j * kThreads, sum[j]);
+}
+
+// Cluster split-K (Plan::cluster = S > 1): the S CTAs of a cluster took
+// consecutive k ranges of column `col` (cluster rank r = blockIdx.x % S, in k
+// order). Each writes its partial tile, in the partial tiles' chunk order,
+// to its own shared memory at `stage` (the pipeline buffers: the caller has
+// retired every wgmma and cp.async that used them), then rank r sums slice r
+// of the tile over ranks 0..S-1 in that order, from zero: the reduction
+// pass's additions in the pass's order (CTA order = k order), read through
+// distributed shared memory instead of a workspace, and stores it. Clusters
+// are co-scheduled, so waiting at the cluster barriers is safe.
+template <int kCfg, typename T>
+__device__ __forceinline__ void ClusterSumSlice(const KernelParams& p, int col, const uint4* stage) {
+  using G = Geometry<kCfg>;
+  const int tid = static_cast<int>(threadIdx.x);
+  const int s = p.cluster_split, rank = static_cast<int>(blockIdx.x) % s;
+  const int per_rank = G::kPartialChunks / s;  // a multiple of kThreads (Geometry::kValid)
+  const uint32_t base = ptx::SmemAddr(stage);
+  for (int chunk = rank * per_rank + tid; chunk < (rank + 1) * per_rank; chunk += kThreads) {
+    float4 v[kMaxClusterSplit];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const TileElement el = FragmentElement<kCfg>(warp_n, lane, i, q);
-      const int row = m_chunk * G::kTileM + el.row, nf = n_idx * G::kNTile + el.feature;
-      if (row < p.m && nf < p.n)
-        c[static_cast<int64_t>(row) * p.n + nf] =
-            ptx::FloatTo<T>(__fmul_rn(v[q], RowFactor(planes, p.n_pad, nf)));
-    }
+    for (int q = 0; q < kMaxClusterSplit; ++q)
+      if (q < s) v[q] = ptx::LoadSharedCluster(ptx::MapSharedToRank(base + 16u * chunk, q));
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int q = 0; q < kMaxClusterSplit; ++q)
+      if (q < s) sum.x += v[q].x, sum.y += v[q].y, sum.z += v[q].z, sum.w += v[q].w;
+    StoreSummedChunk<kCfg, T>(p, col, chunk, sum);
   }
+}
+
+template <int kCfg, typename T>
+__device__ __forceinline__ void ClusterSumColumn(const KernelParams& p, int col, const float (&acc)[Geometry<kCfg>::kFrags][4],
+                                                 uint4* stage) {
+  using G = Geometry<kCfg>;
+  static_assert(G::kClusterSplit, "ClusterSumColumn: the row has no cluster split-K");
+  const int tid = static_cast<int>(threadIdx.x), lane = tid % 32, warp_n = tid / 32;  // kWarpsK == 1
+  float4* const own = reinterpret_cast<float4*>(stage);
+#pragma unroll
+  for (int i = 0; i < G::kFrags; ++i)
+    own[(warp_n * G::kFrags + i) * 32 + lane] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+  ptx::ClusterSync();  // every partial tile of the cluster is written
+  ClusterSumSlice<kCfg, T>(p, col, stage);
+  ptx::ClusterSync();  // no CTA leaves (and frees its shared memory) while others read it
 }
 
 }  // namespace marlin

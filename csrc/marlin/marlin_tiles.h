@@ -25,6 +25,11 @@ enum class SplitReduce {
              // (arrival counters, zeroed by a memset before the launch)
   kPass,     // a second kernel right after the GEMM, one block per slice of
              // each split column (no counters)
+  kCluster,  // (sm_90) where the columns fill at most half the SMs: each
+             // column's k tiles are cut evenly over a thread-block cluster
+             // of 2-8 CTAs, which sum their partial tiles through
+             // distributed shared memory (no workspace, no second kernel);
+             // otherwise stripes with kPass
 };
 
 struct TileConfig {
@@ -94,10 +99,12 @@ constexpr TileConfig kTileConfigs[] = {
     {"medium", 32, 128, 256, 4, 2, 4, 32, 0, MmaPath::kAny, SplitReduce::kLastCta},
     {"large", 64, 256, 64, 4, 2, 5, INT_MAX, 0, MmaPath::kMmaSync, SplitReduce::kPass},
     {"wgmma64", 64, 256, 64, 8, 1, 8, 64, 0, MmaPath::kWgmma, SplitReduce::kPass},  // M = 33..64 on SM90
-    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma, SplitReduce::kPass},
+    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma, SplitReduce::kCluster},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
 constexpr int kThreads = 256;
+// Largest cluster of SplitReduce::kCluster (8: the portable cluster size).
+constexpr int kMaxClusterSplit = 8;
 
 // Every size the kernel derives from a row of the table, as compile-time
 // constants (a struct of static ints rather than a local TileConfig: device
@@ -137,7 +144,11 @@ struct Geometry {
       (kAChunks + kBChunks + kSChunks + kStageAlign - 1) / kStageAlign * kStageAlign;
   static constexpr int kRedChunks = (kWarpsK - 1) * kTileM * kNTile / 4;  // warps_k partials
   static constexpr int kPartialChunks = kTileM * kNTile / 4;  // one split-K partial tile
-  static constexpr bool kReducePass = kTileConfigs[kCfg].reduce == SplitReduce::kPass;
+  static constexpr bool kReducePass = kTileConfigs[kCfg].reduce != SplitReduce::kLastCta;
+  // Cluster split-K: the CTA's partial tile goes to its own shared memory
+  // (the pipeline buffers, idle by then), each CTA of the cluster sums one
+  // slice of all of them.
+  static constexpr bool kClusterSplit = kTileConfigs[kCfg].reduce == SplitReduce::kCluster;
   // The reduction pass: a block of kThreads sums kReduceChunks float4s per
   // thread of one slice; kReduceSlices blocks cover a partial tile.
   static constexpr int kReduceChunks = 4;
@@ -153,6 +164,8 @@ struct Geometry {
       kKTile % (kBlockK * kWarpsK) == 0 &&
       kKTile >= 64 &&                          // XOR swizzle: >= 8 chunks per A row
       (!kReducePass || kPartialChunks % (kThreads * kReduceChunks) == 0) &&
+      (!kClusterSplit || (kWgmma && kPartialChunks % (kThreads * kMaxClusterSplit) == 0 &&
+                          kPartialChunks <= kStages * kStageChunks)) &&
       kThreads % kARowChunks == 0 &&           // fixed thread -> A column ...
       (kThreads / kARowChunks) % 8 == 0 &&     // ... and fixed row % 8 across chunks
       kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
