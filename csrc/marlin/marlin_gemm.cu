@@ -25,6 +25,10 @@
 //     each take one slice of one split column (64-128 KB partial tiles: one
 //     CTA summing them alone was most of the time at M = 64..256). Nobody
 //     spins, so either is correct without co-residency.
+//   * Cluster split-K (wgmma128, where the device fits it: MakePlan): instead
+//     of stripes, each column's k tiles are cut over one thread-block
+//     cluster of 2-8 CTAs, which sum their partial tiles through distributed
+//     shared memory (ClusterSumColumn) in the same order as the pass.
 //   * Pipeline: cp.async global->shared with `stages` buffers; a CTA walks its
 //     stripe continuously across column boundaries (the epilogue of one column
 //     runs while later tiles are already in flight), one __syncthreads/stage.

@@ -74,8 +74,9 @@ struct MarlinGemmArgs {
 // Enqueue the GEMM on `stream` (asynchronous; no host synchronization, no
 // allocation): the GEMM kernel, after a cudaMemsetAsync of the arrival
 // counters (split-K with SplitReduce::kLastCta) or followed by the reduction
-// kernel (split-K with SplitReduce::kPass). Returns "" or an error message
-// (argument or CUDA error).
+// kernel (split-K with SplitReduce::kPass), or alone, launched in clusters
+// (a cluster plan of SplitReduce::kCluster: MarlinClusterCapacity decides).
+// Returns "" or an error message (argument or CUDA error).
 std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream);
 
 }  // namespace marlin

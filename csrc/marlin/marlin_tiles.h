@@ -90,7 +90,11 @@ struct TileConfig {
 //    alone was the tail at M = 64..256 (self-test A/B: 0.97-1.18x H200,
 //    0.99-1.16x H100, then 0.98-1.12x and 0.99-1.09x more on the H100 for
 //    the pass's batched loads and column grid; NOTES.md section 4). The
-//    4-16 KB rows keep the last CTA: no second launch.
+//    4-16 KB rows keep the last CTA: no second launch. wgmma128 (kCluster)
+//    splits a column over a 2/4/8-CTA cluster instead where all columns'
+//    clusters run at once on >= 2/3 of the SMs (H100 self-test: 1.05-1.20x
+//    on those plans); wgmma64 keeps the pass (with the cluster code its
+//    unchanged plans ran 0.91x: ptxas rescheduled its main loop).
 constexpr TileConfig kTileConfigs[] = {
     // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path  reduce
     {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny, SplitReduce::kLastCta},
