@@ -1,4 +1,4 @@
-"""The Marlin MXFP4 kernel (csrc/marlin/marlin_gemm.cu) emulated in numpy, and test data for it.
+"""The Marlin MXFP4 kernel (csrc/marlin/marlin_kernel.cuh) emulated in numpy, and test data for it.
 
 ``Emulator`` runs one launch of ``MarlinMxfp4GemmKernel<cfg, T>`` statement
 by statement on the buffers produced by

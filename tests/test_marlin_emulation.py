@@ -1,6 +1,6 @@
 """CPU-side proof of the Marlin MXFP4 kernel logic (no GPU needed).
 
-The kernel (csrc/marlin/marlin_gemm.cu) cannot run here, so marlin_emulator.py
+The kernel (csrc/marlin/marlin_kernel.cuh) cannot run here, so marlin_emulator.py
 emulates it in numpy, statement by statement, on the prepared buffers (stripe
 partition and split-K fixup, every cp.async, ldmatrix, the dequantization bit
 tricks, mma.sync through the PTX fragment layouts, the predicated stores).

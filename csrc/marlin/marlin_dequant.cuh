@@ -1,7 +1,7 @@
 // Device-side dequantization of the prepared Marlin layout (marlin_layout.h:
 // "Output 1", "Output 2" and "Scale mapping"): a word's registers by
 // rotate-and-mask, the packed E8M0 block multipliers, the float32 row factor.
-// Used by the GEMM (marlin_gemm.cu) and the dense dequantization
+// Used by the GEMM (marlin_kernel.cuh) and the dense dequantization
 // (marlin_dequantize.cu).
 #pragma once
 

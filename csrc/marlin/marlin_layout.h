@@ -1,7 +1,7 @@
 // The prepared ("Marlin") layout of MXFP4 weights: THE one specification.
 //
 // Everything that produces or consumes prepared weights derives from the
-// constants and functions in this header: the CUDA kernels (marlin_gemm.cu,
+// constants and functions in this header: the CUDA kernels (marlin_kernel.cuh,
 // marlin_dequantize.cu), the host-side preparation used by the GPU self-test
 // (PrepareHost below) and its inverse used by the CPU handlers (UnprepareHost,
 // marlin_cpu.cc), and the jnp preparation in jax_mxfp4/kernels/marlin_weights.py,

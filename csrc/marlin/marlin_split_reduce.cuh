@@ -1,5 +1,5 @@
 // Split-K bookkeeping, the accumulator layout and the reduction pass of the
-// Marlin GEMM (device code, included by marlin_gemm.cu):
+// Marlin GEMM (device code, included by marlin_kernel.cuh and marlin_gemm.cu):
 //   * which CTAs' stripes touch a column, and the workspace slot of each
 //     CTA's partial tile of it (CtasOfColumn, PartialSlot);
 //   * which output row and feature each accumulator element is

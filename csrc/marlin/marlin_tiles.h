@@ -1,5 +1,5 @@
 // Tile configurations of the Marlin GEMM: every kernel variant is instantiated
-// from the table below (marlin_gemm.cu) and the planner picks one of its rows
+// from the table below (marlin_kernel.cuh, launched by marlin_gemm.cu) and the planner picks one of its rows
 // per launch (marlin_plan.cc). Host and device code; compile-time only.
 #pragma once
 
