@@ -279,7 +279,7 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
                                                                     out_dtype=jnp.float32)))
         if name == "marlin" and fmt is None:
             # The Marlin kernel's large-M path (dequantize the prepared weights, then
-            # cuBLAS), timed beside it to measure the crossover (DENSE_FROM_TOKENS).
+            # cuBLAS), timed beside it to measure the crossover (DENSE_CROSSOVER).
             dense = jax.jit(get_kernel("marlin").dense_matmul)
             impls.append(("marlin_dense", "variant", [(pw,) for pw in prepared], dense,
                           lambda x: reference.matmul_reference(x, *canon[0], out_dtype=jnp.float32)))
@@ -316,8 +316,8 @@ def build_shape_cases(k: int, n: int, ms, s: H.Settings, args, seed: int, skippe
                 continue  # the same launch as "marlin" there
             if impl in ("marlin_dense", "marlin_kernel") and m < 64:
                 continue  # the dense path is only a candidate at large M
-            if impl == "marlin_kernel" and (marlin_kernel.dense_from_tokens() is None
-                                            or m < marlin_kernel.dense_from_tokens()):
+            dense_from = marlin_kernel.dense_from_tokens(LinearConfig(k, n, jnp.bfloat16))
+            if impl == "marlin_kernel" and (dense_from is None or m < dense_from):
                 continue  # below the crossover "marlin" is the kernel itself
             if role == "ours":
                 kern = get_kernel(impl.removesuffix("_w4a4"))

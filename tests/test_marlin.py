@@ -95,15 +95,15 @@ def test_dense_path_matches_reference(platform, dtype, n, k, rng):
 
 
 def test_large_m_runs_the_dense_path(rng):
-    """From dense_from_tokens() rows on (a measured crossover per instruction path) the
-    layer is dequantize + dot."""
+    """From dense_from_tokens() rows on (a measured crossover per device and layer size)
+    the layer is dequantize + dot."""
     from jax_mxfp4.kernels import marlin
 
-    dense_from = marlin.dense_from_tokens()
-    assert dense_from is not None
     wp, ws = random_weights(rng, 64, 128)
     kernel = kernels.get_kernel("marlin")
     prepared = kernel.prepare_weights(wp, ws, LinearConfig(128, 64))
+    dense_from = marlin.dense_from_tokens(prepared.config)
+    assert dense_from is not None
 
     def primitives(m):
         jaxpr = jax.make_jaxpr(kernel.matmul)(jax.ShapeDtypeStruct((m, 128), jnp.bfloat16), prepared)
@@ -111,6 +111,26 @@ def test_large_m_runs_the_dense_path(rng):
 
     assert "mxfp4_marlin_gemm" in primitives(dense_from - 1)
     assert "mxfp4_marlin_gemm" not in primitives(dense_from)
+
+
+def test_dense_crossover_per_device_and_layer_size():
+    """DENSE_CROSSOVER: the row with the largest weight count <= N x K applies; devices
+    without rows take their instruction path's crossover."""
+    from jax_mxfp4.kernels import marlin
+
+    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    small, mid, edge, big = (LinearConfig(4096, 4096), LinearConfig(4096, 14336),
+                             LinearConfig(8192, 8192), LinearConfig(8192, 28672))
+    assert [marlin.dense_from_tokens(c, h100) for c in (small, mid, edge, big)] == [384, 768, 768, 768]
+    assert [marlin.dense_from_tokens(c, h200) for c in (small, mid, edge, big)] == [384, 512, 512, 768]
+    # exactly at a row's bound: that row
+    assert marlin.dense_from_tokens(LinearConfig(4096, 8192), h100) == 768  # 2^25 weights
+    assert marlin.dense_from_tokens(LinearConfig(4096, 8160), h100) == 384
+    for rows in marlin.DENSE_CROSSOVER.values():
+        assert rows[0][0] == 0 and list(rows) == sorted(rows)  # every size has a row
+    # the default device here (CPU) has no row and no wgmma: the mma.sync crossover
+    assert marlin.dense_from_tokens(big) == marlin.DENSE_FROM_TOKENS_MMA_SYNC
+    assert marlin.dense_from_tokens(big, "NVIDIA A100-SXM4-80GB") == marlin.DENSE_FROM_TOKENS_MMA_SYNC
 
 
 def test_two_ctas_per_sm_only_where_measured():
@@ -233,7 +253,8 @@ def test_cuda_kernel_matches_reference(dtype, k, n, rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [256, 1024])
 def test_cuda_kernel_large_m(m, rng):
-    """The kernel itself at large M (``matmul`` dispatches M >= dense_from_tokens() to the dense path)."""
+    """The kernel itself at large M (``matmul`` dispatches M >= dense_from_tokens(config) to the
+    dense path)."""
     wp, ws = random_weights(rng, 5760, 2880)
     x = jnp.asarray(rng.standard_normal((m, 2880)), jnp.bfloat16)
     kernel = kernels.get_kernel("marlin")

@@ -8,10 +8,11 @@ accumulation float32. Selected on compute capability 8.x and 9.x.
 On compute capability 9.0 (H100/H200) M > 32 runs on the kernel's ``wgmma``
 (sm_90a) tile configurations, M <= 32 and other GPUs on ``mma.sync``. For large
 M the GEMM is compute-bound and the kernel trails cuBLAS's dense GEMM; from
-``DENSE_FROM_TOKENS`` rows on, ``apply`` dequantizes the prepared weights and
-calls a dense ``jnp.dot`` instead. That crossover is a measurement, recorded
-with its data (see the constant), as is the one device-specific launch choice:
-two CTAs per SM at M <= 8 on an H200 (``TWO_CTAS_PER_SM``).
+``dense_from_tokens`` rows on, ``apply`` dequantizes the prepared weights and
+calls a dense ``jnp.dot`` instead. That crossover is a measurement per device
+and layer size, recorded with its data (``DENSE_CROSSOVER``), as is the one
+device-specific launch choice: two CTAs per SM at M <= 8 on an H200
+(``TWO_CTAS_PER_SM``).
 """
 
 from __future__ import annotations
@@ -31,22 +32,46 @@ from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marl
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
 from jax_mxfp4.sharding import check_whole_units
 
-__all__ = ["DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "TWO_CTAS_PER_SM", "MarlinKernel", "planned_ctas_per_sm"]
+__all__ = ["DENSE_CROSSOVER", "DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "TWO_CTAS_PER_SM", "MarlinKernel", "planned_ctas_per_sm"]
 
 #: M (tokens) from which a Marlin layer on a compute capability 9.0 GPU runs as
-#: dequantize + dense GEMM (``dense_matmul``); None: always the Marlin kernel.
-#: Measured on an H200
-#: (benchmarks/results/gemm-nvidia-h200.json, rows "marlin" (the kernel below
-#: 512), "marlin_kernel" and "marlin_dense"; commit 514ee22, the kernel's wgmma
-#: configurations): at M = 256 the kernel is faster on five of the six
-#: benchmark shapes (8192x8192: 74.9 vs 92.1 us; 8192x28672: 223 vs 320 us;
-#: 4096x4096: 30.6 vs 31.1 us) and loses 2880x5760 (34.4 vs 32.7 us); at
-#: M = 512 the dense path wins on five (8192x8192: 129 vs 139 us; 2880x5760:
-#: 35.0 vs 49.4 us) and loses 8192x28672 by 4% (432 vs 417 us); at 1024 it
-#: wins on all six. (At M = 128 the two smallest shapes preferred the dense
-#: path then, 2880x5760 26.6 vs 30.8 us; since the split-K reduction pass,
-#: commit 1dec80e, the kernel wins there too: 25.2 vs 26.5 us.)
+#: dequantize + dense GEMM (``dense_matmul``) on a device without a row in
+#: ``DENSE_CROSSOVER``; None: always the Marlin kernel. First measured on an H200
+#: (commit 514ee22, the kernel's first wgmma configurations: at M = 512 the
+#: dense path won on five of the six benchmark shapes) and confirmed there at
+#: commit 2c729a5 (below): four of six.
 DENSE_FROM_TOKENS: int | None = 512
+
+#: The crossover per device (``device_kind``), by the layer's weight count
+#: N x K: rows ``(min_weights, tokens)``; the row with the largest
+#: ``min_weights`` <= N x K applies, and M >= ``tokens`` runs the dense path.
+#: Why it depends on both: the dense path pays a dequantization pass of ~2.5
+#: bytes of HBM traffic per weight (write bf16, read FP4) on top of cuBLAS, the
+#: kernel pays for running below cuBLAS's rate in its wgmma loop (~600 against
+#: ~800 TFLOP/s); the pass weighs more on the H100's lower bandwidth, and
+#: small layers (16-23 columns of 256 features) fill the SMs badly at M in the
+#: hundreds. Measured with the kernel and the dense path timed side by side in
+#: one run per device, commit 2c729a5, bench rows "marlin_kernel" /
+#: "marlin" (the kernel) against "marlin_dense", M = 256, 384, 512, 768, 1024
+#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json and gemm-nvidia-h200.json,
+#: the runs of 2026-11-26; times in us, kernel vs dense):
+#:
+#: * H100, N x K < 2^25 (4096x4096, 2880x5760): 384 40.2 vs 40.3, 42.0 vs 35.0;
+#:   512 40.6 vs 38.0, 51.2 vs 38.5. N x K >= 2^25 (4096x14336, 14336x4096,
+#:   8192x8192, 8192x28672): 512 132.1 vs 143.0, 108.5 vs 130.6, 138.1 vs 147.4,
+#:   417.7 vs 498.0 (the kernel 1.07-1.20x); 768 186.2 vs 169.7, 169.3 vs 163.6,
+#:   199.7 vs 188.7, 655.8 vs 649.1 (dense 1.01-1.10x).
+#: * H200, N x K < 2^25: 384 39.9 vs 40.6, 40.6 vs 31.2; 512 40.2 vs 35.6,
+#:   49.1 vs 35.0. 2^25 <= N x K < 2^27: 384 103.7 vs 99.1, 105.2 vs 102.0, 104.4
+#:   vs 113.0; 512 128.7 vs 121.0, 108.5 vs 115.4, 134.2 vs 129.8 (dense wins two
+#:   of three). 8192x28672 (>= 2^27): 512 412.1 vs 437.6, 768 648.7 vs 589.4.
+#:
+#: The thresholds between the measured sizes (2^25 between 16.8M and 58.7M
+#: weights, 2^27 between 67M and 235M) are a choice, not a measurement.
+DENSE_CROSSOVER: dict[str, tuple[tuple[int, int], ...]] = {
+    "NVIDIA H100 80GB HBM3": ((0, 384), (1 << 25, 768)),
+    "NVIDIA H200": ((0, 384), (1 << 25, 512), (1 << 27, 768)),
+}
 
 #: The same crossover where the kernel runs its mma.sync configurations only
 #: (compute capability 8.x). Measured on an H100 with those configurations
@@ -100,9 +125,18 @@ def _sm_count() -> int:
     return count if count > 0 else _FALLBACK_SM_COUNT
 
 
-def dense_from_tokens() -> int | None:
-    """The crossover for the default device's instruction path."""
-    return DENSE_FROM_TOKENS if _has_wgmma() else DENSE_FROM_TOKENS_MMA_SYNC
+def dense_from_tokens(config: LinearConfig, device_kind: str | None = None) -> int | None:
+    """M from which ``matmul`` runs the dense path for this layer on ``device_kind``
+    (default: the default device's): ``DENSE_CROSSOVER``'s row for the layer's N x K
+    where the device has one, else the crossover of its instruction path
+    (``DENSE_FROM_TOKENS`` with wgmma, ``DENSE_FROM_TOKENS_MMA_SYNC`` without)."""
+    if device_kind is None:
+        device_kind = default_device().device_kind
+    rows = DENSE_CROSSOVER.get(device_kind)  # (devices of compute capability 9.0 only)
+    if rows is None:
+        return DENSE_FROM_TOKENS if _has_wgmma() else DENSE_FROM_TOKENS_MMA_SYNC
+    weights = config.out_features * config.in_features
+    return max((row for row in rows if row[0] <= weights), key=lambda row: row[0])[1]
 
 
 @register_kernel
@@ -140,7 +174,7 @@ class MarlinKernel(Mxfp4LinearKernel):
 
     def matmul(self, x, weights: PreparedWeights):
         tokens = tokens_of(x.shape)
-        dense_from = dense_from_tokens()
+        dense_from = dense_from_tokens(weights.config)
         if dense_from is not None and tokens >= dense_from:
             return self.dense_matmul(x, weights)
         return self.kernel_matmul(x, weights)
