@@ -51,16 +51,17 @@ DENSE_FROM_TOKENS: int | None = 512
 #: ~800 TFLOP/s); the pass weighs more on the H100's lower bandwidth, and
 #: small layers (16-23 columns of 256 features) fill the SMs badly at M in the
 #: hundreds. Measured with the kernel and the dense path timed side by side in
-#: one run per device, commit 2c729a5, bench rows "marlin_kernel" /
-#: "marlin" (the kernel) against "marlin_dense", M = 256, 384, 512, 768, 1024
-#: (benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json and gemm-nvidia-h200.json,
-#: the runs of 2026-11-26; times in us, kernel vs dense):
+#: one run per device at M = 256, 384, 512, 768, 1024: bench rows "marlin" (the
+#: dispatch) against "marlin_kernel" / "marlin_dense" (the other side) in
+#: benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json (run of commit 29f1ffb,
+#: this table) and gemm-nvidia-h200.json (run of 2c729a5, before it); times in
+#: us, kernel vs dense:
 #:
-#: * H100, N x K < 2^25 (4096x4096, 2880x5760): 384 40.2 vs 40.3, 42.0 vs 35.0;
-#:   512 40.6 vs 38.0, 51.2 vs 38.5. N x K >= 2^25 (4096x14336, 14336x4096,
-#:   8192x8192, 8192x28672): 512 132.1 vs 143.0, 108.5 vs 130.6, 138.1 vs 147.4,
-#:   417.7 vs 498.0 (the kernel 1.07-1.20x); 768 186.2 vs 169.7, 169.3 vs 163.6,
-#:   199.7 vs 188.7, 655.8 vs 649.1 (dense 1.01-1.10x).
+#: * H100, N x K < 2^25 (4096x4096, 2880x5760): 384 40.2 vs 40.4, 41.7 vs 35.4;
+#:   512 40.8 vs 38.1, 51.3 vs 38.1. N x K >= 2^25 (4096x14336, 14336x4096,
+#:   8192x8192, 8192x28672): 512 132.1 vs 143.3, 108.8 vs 130.6, 138.4 vs 147.6,
+#:   415.5 vs 499.8 (the kernel 1.07-1.20x); 768 185.5 vs 169.3, 170.3 vs 166.8,
+#:   198.7 vs 189.1, 650.1 vs 648.9 (dense 1.00-1.10x).
 #: * H200, N x K < 2^25: 384 39.9 vs 40.6, 40.6 vs 31.2; 512 40.2 vs 35.6,
 #:   49.1 vs 35.0. 2^25 <= N x K < 2^27: 384 103.7 vs 99.1, 105.2 vs 102.0, 104.4
 #:   vs 113.0; 512 128.7 vs 121.0, 108.5 vs 115.4, 134.2 vs 129.8 (dense wins two
