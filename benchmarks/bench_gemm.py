@@ -454,6 +454,92 @@ def targets(res: dict) -> list[dict]:
     return out
 
 
+def _times_by_shape(res: dict, impl: str) -> dict:
+    """{(K, N, M): case} of ``impl``'s timed cases."""
+    return {(c["params"]["K"], c["params"]["N"], c["params"]["M"]): c for c in res["cases"]
+            if c["impl"] == impl and not c.get("error") and H.case_time_us(c)[0]}
+
+
+def target_requirements(res: dict, ours: str = "marlin") -> list[dict]:
+    """What each missed speed target would take, per shape, from this result's own rows.
+
+    One row per (target, shape) that ``ours`` misses: the baseline's time, the time
+    the target allows, ours, and what that time means in this run's own units:
+
+    * M <= 16, 3.3x bf16 (shapes of >= LARGE_WEIGHTS weights; ours' best M there):
+      the weight-byte bandwidth the allowed time implies, as % of the run's copy
+      bandwidth (the bandwidth ceiling; ours' own % beside it);
+    * M = 128, 2x bf16: the TFLOP/s the allowed time implies, as % of the fastest
+      bf16 GEMM (cuBLAS) anywhere in this result;
+    * M = 1024, 0.95x bf16: for a dequantize-then-GEMM path, the time left for the
+      dequantization (allowed - bf16) against the dequantization kernel ours ran and
+      the least its bytes take at the copy bandwidth;
+      for a fused kernel, the TFLOP/s it would need (beside ``<ours>_kernel``'s).
+    """
+    cb = res.get("copy_bandwidth") or {}
+    copy_gbps = cb.get("device_gbps") or cb.get("wall_gbps")
+    bf16, mine = _times_by_shape(res, "bf16"), _times_by_shape(res, ours)
+    kernel_only = _times_by_shape(res, f"{ours}_kernel")  # the kernel where "ours" ran the dense path
+    best_tflops = max((c["metrics"].get("tflops") or 0 for c in bf16.values()), default=0)
+    rows = []
+
+    def t(c):
+        return H.case_time_us(c)[0]
+
+    for (k, n) in sorted({key[:2] for key in mine}):
+        small = [(m, t(bf16[(k, n, m)]) / t(mine[(k, n, m)])) for (kk, nn, m) in mine
+                 if (kk, nn) == (k, n) and m <= 16 and (k, n, m) in bf16]
+        if small and k * n >= LARGE_WEIGHTS:
+            m, ratio = max(small, key=lambda x: x[1])
+            if ratio < 3.3:
+                base, c = t(bf16[(k, n, m)]), mine[(k, n, m)]
+                need = base / 3.3
+                wb = c["extra"]["weight_bytes"]
+                pct = f"{100 * wb / (need * 1e3) / copy_gbps:.0f}% of copy BW" if copy_gbps else "-"
+                own = f"{c['metrics'].get('weight_bw_pct', 0):.0f}%" if copy_gbps else "-"
+                rows.append(dict(target="M <= 16: 3.3x bf16", K=k, N=n, M=m, bf16=base, allowed=need, ours=t(c),
+                                 needs=f"weights streamed at {wb / (need * 1e3):.0f} GB/s = {pct} (ours {own})"))
+        key = (k, n, 128)
+        if key in mine and key in bf16 and t(bf16[key]) / t(mine[key]) < 2.0:
+            base, c = t(bf16[key]), mine[key]
+            need = base / 2.0
+            tflops = c["flops"] / (need * 1e6)
+            rows.append(dict(target="M = 128: 2x bf16", K=k, N=n, M=128, bf16=base, allowed=need, ours=t(c),
+                             needs=f"{tflops:.0f} TFLOP/s = {100 * tflops / best_tflops:.0f}% of the fastest bf16 "
+                                   f"GEMM here ({best_tflops:.0f}; ours {c['metrics'].get('tflops', 0):.0f})"))
+        key = (k, n, 1024)
+        if key in mine and key in bf16 and t(bf16[key]) / t(mine[key]) < 0.95:
+            base, c = t(bf16[key]), mine[key]
+            need = base / 0.95
+            deq = [kr["median_us"] for kr in c.get("kernels", []) if "Dequantize" in kr["name"]]
+            deq_txt = f"; ours takes {deq[0]:.1f} us for it" if deq else ""
+            if copy_gbps:  # its bytes (read FP4, write 16-bit weights) at the run's copy bandwidth
+                floor = (c["extra"]["weight_bytes"] + 2 * k * n) / (copy_gbps * 1e3)
+                deq_txt += f", >= {floor:.1f} at copy bandwidth"
+            tflops = c["flops"] / (need * 1e6)
+            fused = kernel_only.get(key)
+            fused_txt = f" (the `{ours}_kernel` row: {fused['metrics']['tflops']:.0f})" if fused else ""
+            rows.append(dict(target="M = 1024: 0.95x bf16", K=k, N=n, M=1024, bf16=base, allowed=need, ours=t(c),
+                             needs=f"dequantization in <= {need - base:.1f} us{deq_txt}; or a fused kernel at "
+                                   f"{tflops:.0f} TFLOP/s{fused_txt}"))
+    return rows
+
+
+def render_extra(res: dict) -> str:
+    """Markdown for the README under the table: ``target_requirements`` of "marlin"."""
+    rows = target_requirements(res)
+    if not rows:
+        return ""
+    out = ["What each missed target would take, from this file's rows (time allowed = bf16 / the target "
+           "ratio; `benchmarks.bench_gemm.target_requirements`):", "",
+           "| target | K | N | M | bf16 (us) | allowed (us) | marlin (us) | the allowed time means |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['target']} | {r['K']} | {r['N']} | {r['M']} | {H.fmt_time_us(r['bf16'])} | "
+                   f"{H.fmt_time_us(r['allowed'])} | {H.fmt_time_us(r['ours'])} | {r['needs']} |")
+    return "\n".join(out)
+
+
 # ---------------------------------------------------------------------------
 
 def add_args(ap) -> None:

@@ -85,6 +85,10 @@ def render_section(results: list[tuple[str, dict]], readme_dir: str) -> str:
             lines.append("")
         lines.append(H.render_table(r))
         lines.append("")
+        module = bench_module(r["benchmark"])
+        extra = module.render_extra(r) if module is not None and hasattr(module, "render_extra") else ""
+        if extra:
+            lines += [extra, ""]
         extras = list(r.get("notes", []))
         skipped = list(dict.fromkeys(r.get("skipped", [])))
         if skipped:

@@ -187,6 +187,44 @@ def test_gemm_postprocess_targets():
     assert [t["status"] for t in r2["targets"]] == ["N/A"]
 
 
+def test_gemm_target_requirements():
+    """What a missed target would take, in the run's own units: one row per missed
+    (target, shape), none for a met one."""
+    k, n = 8192, 8192
+    flops = lambda m: 2.0 * m * n * k  # noqa: E731
+    cases = [_gcase("bf16", k, n, 8, 66.0), _gcase("marlin", k, n, 8, 25.0),        # 2.64x: missed
+             _gcase("bf16", k, n, 128, 60.0), _gcase("marlin", k, n, 128, 25.0),    # 2.4x: met
+             _gcase("bf16", k, n, 1024, 200.0), _gcase("marlin", k, n, 1024, 250.0),  # 0.8x: missed
+             _gcase("marlin_kernel", k, n, 1024, 275.0, role="variant"),
+             _gcase("bf16", k, n, 8192, 1280.0)]  # the fastest bf16 GEMM: 859 TFLOP/s
+    next(c for c in cases if c["impl"] == "marlin" and c["params"]["M"] == 1024)["kernels"] = [
+        {"name": "gemm_fusion_dot_general_1", "count": 1, "median_us": 200.0},
+        {"name": "void jax_mxfp4::marlin::MarlinDequantizeKernel<1>(...)", "count": 1, "median_us": 50.0}]
+    r = fake_result("gemm", cases, table=bench_gemm.make_table([]))
+    r["copy_bandwidth"] = {"device_gbps": 3000.0}
+    r = bench_gemm.postprocess(r)
+    rows = bench_gemm.target_requirements(r)
+    assert [(x["target"], x["M"]) for x in rows] == [("M <= 16: 3.3x bf16", 8), ("M = 1024: 0.95x bf16", 1024)]
+    small, large = rows
+    assert small["allowed"] == pytest.approx(20.0)
+    wb = bench_gemm.mxfp4_weight_bytes(k, n)
+    assert f"{wb / 20e3:.0f} GB/s = {100 * wb / 20e3 / 3000:.0f}% of copy BW" in small["needs"]
+    assert large["allowed"] == pytest.approx(200.0 / 0.95)
+    assert f"dequantization in <= {200.0 / 0.95 - 200.0:.1f} us; ours takes 50.0 us" in large["needs"]
+    assert f">= {(wb + 2 * k * n) / 3000e3:.1f} at copy bandwidth" in large["needs"]
+    assert f"fused kernel at {flops(1024) / (200e6 / 0.95):.0f} TFLOP/s" in large["needs"]
+    assert f"`marlin_kernel` row: {flops(1024) / 275e6:.0f}" in large["needs"]
+    # M = 128 missed: the rate is against the fastest bf16 GEMM of the file
+    r["cases"] = [c for c in r["cases"] if not (c["impl"] == "marlin" and c["params"]["M"] == 128)]
+    r["cases"].append(_gcase("marlin", k, n, 128, 40.0))
+    r = bench_gemm.postprocess(r)
+    mid = next(x for x in bench_gemm.target_requirements(r) if x["M"] == 128)
+    need = flops(128) / 30e6
+    assert f"{need:.0f} TFLOP/s = {100 * need / (flops(8192) / 1280e6):.0f}% of the fastest bf16" in mid["needs"]
+    text = bench_gemm.render_extra(r)
+    assert text.count("\n| M ") == 3 and "| allowed (us) |" in text
+
+
 def test_gemm_shape_parsing():
     assert H.parse_shapes("4096x4096, 8192X28672") == [(4096, 4096), (8192, 28672)]
     assert H.parse_int_list("1,2, 16") == [1, 2, 16]
