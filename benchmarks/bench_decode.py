@@ -12,7 +12,7 @@ weights are prepared once with ``jax_mxfp4.prepare_weights`` (kernel chosen
 by the registry, ``--kernel`` forces one).
 
 Reported per batch: step time (wall, median over jitted calls) and device
-time (sum of kernel durations), tokens/s (= batch / wall step time) and the
+time (sum of kernel, memset and memcpy durations), tokens/s (= batch / wall step time) and the
 MXFP4 / bf16 ratio. Target: batch 1 >= 2.5x bf16 tokens/s.
 
     python -m benchmarks.bench_decode [--quick] [--layers 32] [--batches 1,16] [--out DIR]

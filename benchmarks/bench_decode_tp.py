@@ -17,7 +17,7 @@ kernel the registry picks for the local shape (Marlin on Ampere/Hopper):
 bf16 weights and ``jnp.dot``.
 
 Reported per (variant, tp, batch): step time (wall: median jitted step;
-device: GPU 0's busy time per step, the sum of its kernel durations),
+device: GPU 0's busy time per step, the sum of its kernel, memset and memcpy durations),
 collective time (GPU 0's all-reduce kernels; it includes waiting for the
 peer GPU) and its share of the device step, tokens/s and the speedup over
 tp=1. Check: layer 0 at tp > 1 equals layer 0 at tp = 1 on the same weights and

@@ -401,7 +401,7 @@ def make_table(ours: Sequence[str]) -> dict:
             H.ratio_col("int4_pc vs bf16", "int4_pc", "bf16"),
         ]
     return {"row_params": list(MATCH), "columns": cols,
-            "note": "median device time per call (sum of kernel durations); ratios are speedups (>1: faster)"}
+            "note": "median device time per call (sum of kernel, memset and memcpy durations); ratios are speedups (>1: faster)"}
 
 
 def _worst(cases, key):

@@ -46,7 +46,7 @@ TABLE = {
         H.metric_col("ours % copy BW", "ours", "pct_copy_bw", "{:.0f}%"),
         *(H.metric_col(f"{impl} kernels", impl, "kernels", "{:.0f}") for impl in ("ours", "jnp")),
     ],
-    "note": ("median device time per call (sum of kernel durations from the JAX profiler's device trace); "
+    "note": ("median device time per call (sum of kernel, memset and memcpy durations from the JAX profiler's device trace); "
              "'% copy BW' = (bytes read + written) / time over the same run's large-copy GB/s"),
 }
 

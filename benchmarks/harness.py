@@ -13,7 +13,8 @@ How a case is timed (``run_cases``), all in one process:
    reported apart) are assigned to cases by the annotation windows, checked
    against the idle gaps (``assign_group_events`` says which wins when they
    disagree), split per call, and summed: ``device_time_us`` is the
-   median over calls of the sum of kernel durations of one call. On CPU the
+   median over calls of the summed durations of one call's kernels and of the
+   memsets/memcpys nearest to it (``ATTACHED_KINDS``). On CPU the
    "device" events are XLA's op events (stat ``hlo_op``) on ``/host:CPU``.
 
 Inputs whose working set fits in L2 are rotated among several copies

@@ -117,6 +117,7 @@ def case_record(case: Case) -> dict:
         "compile_s": case.compile_s,
         "kernels_per_call": dev.get("kernels_per_call"),
         "kernels": dev.get("kernels", []),
+        "attached_time_us": dev.get("attached_us"),  # the memsets/memcpys inside device_time_us
         "memcpy_us_per_call": dev.get("memcpy_us_per_call"),
         "memset_us_per_call": dev.get("memset_us_per_call"),
         "memsets_per_call": dev.get("memsets_per_call"),

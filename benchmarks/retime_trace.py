@@ -54,6 +54,7 @@ def main(argv=None) -> int:
         rec["device_time_error"] = None
         rec["kernels_per_call"] = dt["kernels_per_call"]
         rec["kernels"] = dt["kernels"]
+        rec["attached_time_us"] = dt["attached_us"]
         for field in ("memcpy_us_per_call", "memset_us_per_call", "memsets_per_call", "memcpys_per_call"):
             rec[field] = dt[field]
         print(f"{args.impl} {rec['params']}: device {dt['time_us']['median']:.1f} us, "

@@ -9,6 +9,7 @@ into its calls and sums them.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import json
@@ -20,6 +21,10 @@ from typing import Any, Sequence
 from benchmarks.common import ANNOTATION_PREFIX, summarize
 
 
+# Device events that are part of a call's GPU work besides its kernels: they count in
+# its device time (``device_timing``), e.g. the memset that zeroes a split-K GEMM's
+# arrival counters before its kernel.
+ATTACHED_KINDS = ("memset", "memcpy")
 # Kernels that are inter-device collectives: NCCL's or XLA's own all-reduce kernels on GPUs,
 # ops named after the collective (e.g. psum) on CPU.
 COLLECTIVE_KERNEL = re.compile(r"nccl|psum|all_?reduce|all-reduce|all_?gather|all-gather|reduce_?scatter|"
@@ -195,15 +200,21 @@ def split_calls(events: Sequence[DeviceEvent], n_calls: int) -> tuple[list[list[
 
 
 def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int = 1,
-                  kinds: Sequence[str] = ("kernel",)) -> dict:
+                  kinds: Sequence[str] = ("kernel",), attach: Sequence[str] = ATTACHED_KINDS) -> dict:
     """Per-call device time of one case from its events (``n_calls`` includes ``drop_first``).
 
-    Returns {time_us: summarize(sum of durations per call), span_us (median
+    The calls are found from the events of ``kinds`` (``split_calls``); each event
+    of ``attach`` (memsets and memcpys: a call's own GPU work, e.g. zeroing its
+    split-K counters) then joins the earliest call still running or yet to start
+    when it begins, and counts in that call's time and span. Returns
+    {time_us: summarize(sum of durations per call), span_us (median
     first-start..last-end per call), collective_time_us (summarize(sum of the
     durations of collective kernels, ``COLLECTIVE_KERNEL``, per call); a
     collective kernel's duration includes waiting for its peers),
     kernels_per_call, kernels: [{name, median_us}] (when every call ran the
-    same sequence), memcpy_us_per_call, memset_us_per_call, method, error}.
+    same sequence; ``kinds`` events only), attached_us (summarize(the attached
+    events' durations per call)), memcpy_us_per_call, memset_us_per_call
+    (over all ``n_calls``), method, error}.
     """
     timed = [e for e in events if e.kind in kinds]
     out: dict[str, Any] = {
@@ -218,12 +229,15 @@ def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int =
     if calls is None:
         out["error"] = f"cannot split device events into calls: {method}"
         return out
+    extras = _attach_to_calls([e for e in events if e.kind in attach], calls)[drop_first:]
     calls = calls[drop_first:]
     out["method"] = method
-    out["time_us"] = summarize(sum(e.duration_ns for e in c) / 1e3 for c in calls)
+    out["time_us"] = summarize(sum(e.duration_ns for e in c + x) / 1e3 for c, x in zip(calls, extras))
+    out["attached_us"] = summarize(sum(e.duration_ns for e in x) / 1e3 for x in extras)
     out["collective_time_us"] = summarize(
         sum(e.duration_ns for e in c if COLLECTIVE_KERNEL.search(e.name)) / 1e3 for c in calls)
-    spans = [(max(e.end_ns for e in c) - min(e.start_ns for e in c)) / 1e3 for c in calls if c]
+    spans = [(max(e.end_ns for e in c + x) - min(e.start_ns for e in c + x)) / 1e3
+             for c, x in zip(calls, extras) if c]
     out["span_us"] = statistics.median(spans) if spans else None
     counts = [len(c) for c in calls]
     out["kernels_per_call"] = int(statistics.median(counts))
@@ -240,6 +254,22 @@ def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int =
             for name in order]
     rows.sort(key=lambda r: -r["median_us"])
     out["kernels"] = rows[:32]
+    return out
+
+
+def _attach_to_calls(extra: Sequence[DeviceEvent], calls: Sequence[Sequence[DeviceEvent]]) -> list[list[DeviceEvent]]:
+    """Each event of ``extra`` goes to the call nearest to it in time: the one it runs
+    inside, else the nearer of the calls before and after it (calls are separated by
+    the host's dispatch; a call's own memset runs right before or after its kernels)."""
+    bounds = [(min(e.start_ns for e in c), max(e.end_ns for e in c)) for c in calls]
+    ends = [hi for _, hi in bounds]
+    out: list[list[DeviceEvent]] = [[] for _ in calls]
+    for e in extra:
+        i = bisect.bisect_left(ends, e.start_ns)  # the first call not finished when e starts
+        near = [j for j in (i - 1, i) if 0 <= j < len(calls)]
+        if near:
+            j = min(near, key=lambda j: max(bounds[j][0] - e.end_ns, e.start_ns - bounds[j][1], 0.0))
+            out[j].append(e)
     return out
 
 

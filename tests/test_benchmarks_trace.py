@@ -35,19 +35,36 @@ def test_split_calls_order_insensitive():
     assert method == "chunk" and [len(c) for c in calls] == [2, 2]
 
 
-def test_device_timing_drops_first_and_excludes_memcpy():
+def test_device_timing_drops_first_and_counts_attached_copies():
     evs = []
     for i, dur in enumerate([50.0, 3.0, 4.0, 5.0]):  # first call slow (warm-up)
         t = 1000.0 * i
         evs += [_ev("k1", t, dur), _ev("k2", t + dur + 1, 1.0), _ev("Memcpy", t + 20, 7.0, "memcpy")]
     dt = H.device_timing(evs, 4, drop_first=1)
-    assert dt["time_us"]["median"] == pytest.approx(5.0)  # 4 + 1
-    assert dt["time_us"]["min"] == pytest.approx(4.0) and dt["time_us"]["max"] == pytest.approx(6.0)
+    assert dt["time_us"]["median"] == pytest.approx(12.0)  # 4 + 1 + the call's memcpy 7
+    assert dt["time_us"]["min"] == pytest.approx(11.0) and dt["time_us"]["max"] == pytest.approx(13.0)
+    assert dt["attached_us"]["median"] == pytest.approx(7.0)
     assert dt["kernels_per_call"] == 2 and dt["method"] == "chunk" and dt["error"] is None
     assert dt["memcpy_us_per_call"] == pytest.approx(7.0)
     names = {k["name"]: k for k in dt["kernels"]}
     assert names["k1"]["median_us"] == pytest.approx(4.0) and names["k2"]["count"] == 1
-    assert dt["span_us"] == pytest.approx(6.0)
+    assert dt["span_us"] == pytest.approx(27.0)  # to the memcpy's end
+    # Kernels only (nothing attached): the sum of the kernels.
+    only = H.device_timing(evs, 4, drop_first=1, attach=())
+    assert only["time_us"]["median"] == pytest.approx(5.0) and only["span_us"] == pytest.approx(6.0)
+
+
+def test_attached_events_join_the_nearest_call():
+    """A memset just before a call's kernels is that call's, not the previous one's; one
+    after the last call's kernels is the last call's."""
+    evs = []
+    for i in range(3):
+        t = 1000.0 * i
+        evs += [_ev("Memset", t - 3.0, 1.0, "memset"), _ev("k", t, 10.0)]
+    evs.append(_ev("Memcpy", 2000.0 + 15.0, 2.0, "memcpy"))
+    dt = H.device_timing(evs, 3, drop_first=0)
+    assert dt["time_us"]["min"] == pytest.approx(11.0) and dt["time_us"]["max"] == pytest.approx(13.0)
+    assert dt["span_us"] == pytest.approx(13.0)  # memset start .. kernel end
 
 
 def test_device_timing_not_enough_events():
@@ -232,12 +249,15 @@ def test_decode_mxfp4_trace_pause_inside_a_case():
         dt = H.device_timing(assigned[keys[case]], n_calls, kinds=diag["timing_kinds"])
         assert dt["error"] is None and dt["method"] == "chunk"
         assert dt["kernels_per_call"] == n_k and dt["memsets_per_call"] == 64
-        # Device time: kernels of the 5 timed calls (memsets apart, as in the other benchmarks).
-        want = sorted(c[3] / 1e3 for c in calls[1:])[2]
+        # Device time: kernels and the 64 counter memsets of each of the 5 timed calls.
+        want = sorted((c[3] + c[4]) / 1e3 for c in calls[1:])[2]
         assert dt["time_us"]["median"] == pytest.approx(want, abs=1e-3)
         assert dt["memset_us_per_call"] == pytest.approx(sum(c[4] for c in calls) / 1e3 / n_calls, abs=1e-3)
-    assert H.device_timing(assigned[keys[0]], n_calls)["time_us"]["median"] == pytest.approx(1529.337, abs=1e-3)
-    assert H.device_timing(assigned[keys[1]], n_calls)["time_us"]["median"] == pytest.approx(1936.421, abs=1e-3)
+        kernels_only = H.device_timing(assigned[keys[case]], n_calls, kinds=diag["timing_kinds"], attach=())
+        assert kernels_only["time_us"]["median"] == pytest.approx(sorted(c[3] / 1e3 for c in calls[1:])[2], abs=1e-3)
+    # The kernels-only medians are those the run recorded before memsets counted (its kernel_time_us).
+    assert H.device_timing(assigned[keys[0]], n_calls, attach=())["time_us"]["median"] == pytest.approx(1529.337, abs=1e-3)
+    assert H.device_timing(assigned[keys[1]], n_calls, attach=())["time_us"]["median"] == pytest.approx(1936.421, abs=1e-3)
 
 
 def test_memset_details_stat_any_case():
