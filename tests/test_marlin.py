@@ -251,7 +251,7 @@ def test_cuda_kernel_matches_reference(dtype, k, n, rng):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [256, 1024])
+@pytest.mark.parametrize("m", [256, 640, 1024])
 def test_cuda_kernel_large_m(m, rng):
     """The kernel itself at large M (``matmul`` dispatches M >= dense_from_tokens(config) to the
     dense path)."""
@@ -262,6 +262,24 @@ def test_cuda_kernel_large_m(m, rng):
     f = jax.jit(kernel.kernel_matmul)
     assert "jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()
     check_against_reference(f(x, prepared), x, wp, ws)
+
+
+@pytest.mark.gpu
+def test_cuda_dispatch_on_both_sides_of_the_crossover(rng):
+    """A layer of 2^25 weights (DENSE_CROSSOVER's upper row) on this device: one row below
+    the crossover runs the kernel, from it the dense path, both against the reference."""
+    from jax_mxfp4.kernels import marlin
+
+    k, n = 4096, 8192
+    wp, ws = random_weights(rng, n, k)
+    kernel = kernels.get_kernel("marlin")
+    prepared = kernel.prepare_weights(wp, ws, LinearConfig(k, n))
+    dense_from = marlin.dense_from_tokens(prepared.config)
+    f = jax.jit(kernel.matmul)
+    for m, on_kernel in ((dense_from - 1, True), (dense_from, False)):
+        x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+        assert ("jax_mxfp4_marlin_gemm" in f.lower(x, prepared).as_text()) == on_kernel, m
+        check_against_reference(f(x, prepared), x, wp, ws)
 
 
 @pytest.mark.gpu
