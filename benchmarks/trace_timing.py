@@ -205,8 +205,8 @@ def device_timing(events: Sequence[DeviceEvent], n_calls: int, drop_first: int =
 
     The calls are found from the events of ``kinds`` (``split_calls``); each event
     of ``attach`` (memsets and memcpys: a call's own GPU work, e.g. zeroing its
-    split-K counters) then joins the earliest call still running or yet to start
-    when it begins, and counts in that call's time and span. Returns
+    split-K counters) then joins the call nearest to it in time
+    (``_attach_to_calls``) and counts in that call's time and span. Returns
     {time_us: summarize(sum of durations per call), span_us (median
     first-start..last-end per call), collective_time_us (summarize(sum of the
     durations of collective kernels, ``COLLECTIVE_KERNEL``, per call); a

@@ -32,7 +32,8 @@ from jax_mxfp4.kernels.marlin_weights import UNIT_N, marlin_layout, prepare_marl
 from jax_mxfp4.primitives import marlin_dequantize, marlin_gemm
 from jax_mxfp4.sharding import check_whole_units
 
-__all__ = ["DENSE_CROSSOVER", "DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "TWO_CTAS_PER_SM", "MarlinKernel", "planned_ctas_per_sm"]
+__all__ = ["DENSE_CROSSOVER", "DENSE_FROM_TOKENS", "DENSE_FROM_TOKENS_MMA_SYNC", "TWO_CTAS_PER_SM", "MarlinKernel",
+           "dense_from_tokens", "planned_ctas_per_sm"]
 
 #: M (tokens) from which a Marlin layer on a compute capability 9.0 GPU runs as
 #: dequantize + dense GEMM (``dense_matmul``) on a device without a row in
@@ -54,18 +55,18 @@ DENSE_FROM_TOKENS: int | None = 512
 #: one run per device at M = 256, 384, 512, 768, 1024: bench rows "marlin" (the
 #: dispatch) against "marlin_kernel" / "marlin_dense" (the other side) in
 #: benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json (run of commit 29f1ffb,
-#: this table) and gemm-nvidia-h200.json (run of 2c729a5, before it); times in
-#: us, kernel vs dense:
+#: this table) and gemm-nvidia-h200.json (run of 2c729a5, before it); device
+#: times in us (memsets counted), kernel vs dense:
 #:
 #: * H100, N x K < 2^25 (4096x4096, 2880x5760): 384 40.2 vs 40.4, 41.7 vs 35.4;
 #:   512 40.8 vs 38.1, 51.3 vs 38.1. N x K >= 2^25 (4096x14336, 14336x4096,
 #:   8192x8192, 8192x28672): 512 132.1 vs 143.3, 108.8 vs 130.6, 138.4 vs 147.6,
-#:   415.5 vs 499.8 (the kernel 1.07-1.20x); 768 185.5 vs 169.3, 170.3 vs 166.8,
-#:   198.7 vs 189.1, 650.1 vs 648.9 (dense 1.00-1.10x).
+#:   415.5 vs 500.5 (the kernel 1.07-1.20x); 768 185.5 vs 170.1, 170.3 vs 166.8,
+#:   198.7 vs 189.1, 650.1 vs 649.6 (dense 1.00-1.09x).
 #: * H200, N x K < 2^25: 384 39.9 vs 40.6, 40.6 vs 31.2; 512 40.2 vs 35.6,
 #:   49.1 vs 35.0. 2^25 <= N x K < 2^27: 384 103.7 vs 99.1, 105.2 vs 102.0, 104.4
-#:   vs 113.0; 512 128.7 vs 121.0, 108.5 vs 115.4, 134.2 vs 129.8 (dense wins two
-#:   of three). 8192x28672 (>= 2^27): 512 412.1 vs 437.6, 768 648.7 vs 589.4.
+#:   vs 113.0; 512 128.7 vs 121.7, 108.5 vs 115.4, 134.2 vs 129.8 (dense wins two
+#:   of three). 8192x28672 (>= 2^27): 512 412.1 vs 438.4, 768 648.7 vs 590.2.
 #:
 #: The thresholds between the measured sizes (2^25 between 16.8M and 58.7M
 #: weights, 2^27 between 67M and 235M) are a choice, not a measurement.
