@@ -133,6 +133,36 @@ def test_dense_crossover_per_device_and_layer_size():
     assert marlin.dense_from_tokens(big, "NVIDIA A100-SXM4-80GB") == marlin.DENSE_FROM_TOKENS_MMA_SYNC
 
 
+def test_selection_report_says_which_path_runs():
+    """explain_selection's "path" line: which side of the device's crossover a layer of M
+    tokens is on (the Marlin kernel or dequantize + cuBLAS), and why."""
+    import types
+
+    from jax_mxfp4.kernels import marlin
+
+    kernel = kernels.get_kernel("marlin")
+    h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
+    big = LinearConfig(8192, 28672, tokens=512)
+    assert kernel.describe_path(big, h100) == (
+        "the Marlin kernel: M = 512 < 768, the crossover for 28672 x 8192 weights on NVIDIA H100 80GB HBM3 "
+        "(DENSE_CROSSOVER)")
+    assert kernel.describe_path(LinearConfig(8192, 28672, tokens=768), h100).startswith(
+        "dequantize + cuBLAS: M = 768 >= 768")
+    assert kernel.describe_path(LinearConfig(8192, 28672), h100).startswith(
+        "the Marlin kernel below M = 768, dequantize + cuBLAS from it")
+    assert "M = 512 >= 384" in kernel.describe_path(LinearConfig(4096, 4096, tokens=512), h100)
+    # A device without a row: its instruction path's crossover, no table named.
+    other = types.SimpleNamespace(device_kind="cpu", platform="cpu")
+    assert kernel.describe_path(big, other) == (
+        f"dequantize + cuBLAS: M = 512 >= {marlin.DENSE_FROM_TOKENS_MMA_SYNC}, the crossover for 28672 x 8192 "
+        "weights on cpu")
+    # The report carries it (forced: this CPU cannot run the kernel, so selection would refuse it).
+    report = kernels.KernelSelection(kernel, (), "argument", kernel.describe_path(big, h100)).explain()
+    assert report.splitlines()[1] == "  path: " + kernel.describe_path(big, h100)
+    # Kernels with one path add no line.
+    assert "path:" not in jax_mxfp4.explain_selection((4, 64), jnp.bfloat16, (8, 64))
+
+
 def test_two_ctas_per_sm_only_where_measured():
     """TWO_CTAS_PER_SM: M <= 8 and N x K >= 2^26 on the devices listed (the H200), one CTA
     per SM everywhere else (the H100 measured slower with two)."""

@@ -146,6 +146,11 @@ class Mxfp4LinearKernel(abc.ABC):
             "(Mxfp4LinearKernel.prepared_specs); shard the canonical weights "
             "(jax_mxfp4.sharding.shard_weights) and prepare them inside jax.jit or jax.shard_map.")
 
+    def describe_path(self, config: LinearConfig, device: jax.Device) -> str:
+        """What ``matmul`` runs for ``config`` on ``device`` where that depends on the
+        layer (e.g. a dispatch by M), for selection reports; "" where there is one path."""
+        return ""
+
     @abc.abstractmethod
     def matmul(self, x, weights: PreparedWeights):
         """x[..., K] (already fake-quantized for W4A4 unless ``native_w4a4``) -> y[..., N]."""
@@ -231,10 +236,13 @@ class KernelSelection:
     kernel: Mxfp4LinearKernel
     skipped: tuple[tuple[str, str], ...]
     forced_by: str | None = None  # "argument", "JAX_MXFP4_KERNEL" or None
+    path: str = ""  # the kernel's describe_path for the layer
 
     def explain(self) -> str:
         how = f"forced by {self.forced_by}" if self.forced_by else "first kernel that accepts"
         lines = [f"kernel {self.kernel.name!r} ({self.kernel.description}); {how}"]
+        if self.path:
+            lines.append(f"  path: {self.path}")
         lines += [f"  skipped {name!r}: {reason}" for name, reason in self.skipped]
         return "\n".join(lines)
 
@@ -279,12 +287,12 @@ def select_kernel(config: LinearConfig, *, kernel: str | None = None, device=Non
                 f"activations {config.activation_dtype}/{config.activation_format or 'bf16'}) on "
                 f"{device.device_kind} ({device.platform}): {reason}"
             )
-        return KernelSelection(chosen, (), forced_by)
+        return KernelSelection(chosen, (), forced_by, chosen.describe_path(config, device))
     skipped = []
     for candidate in REGISTRY:
         reason = _check(candidate, config, device)
         if not reason:
-            return KernelSelection(candidate, tuple(skipped))
+            return KernelSelection(candidate, tuple(skipped), path=candidate.describe_path(config, device))
         skipped.append((candidate.name, reason))
     raise KernelUnavailableError(
         "no MXFP4 kernel can run this layer:\n" + "\n".join(f"  {n}: {r}" for n, r in skipped)

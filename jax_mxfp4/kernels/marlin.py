@@ -174,6 +174,18 @@ class MarlinKernel(Mxfp4LinearKernel):
         check_whole_units(mesh, n_axes, config.out_features, UNIT_N, "N", "feature units of the Marlin layout")
         return prepared_specs(n_axes, k_axes)
 
+    def describe_path(self, config: LinearConfig, device) -> str:
+        dense_from = dense_from_tokens(config, device.device_kind)
+        if dense_from is None:
+            return "the Marlin kernel at every M"
+        where = (f"the crossover for {config.out_features} x {config.in_features} weights on "
+                 f"{device.device_kind}" + (" (DENSE_CROSSOVER)" if device.device_kind in DENSE_CROSSOVER else ""))
+        if config.tokens is None:
+            return f"the Marlin kernel below M = {dense_from}, dequantize + cuBLAS from it ({where})"
+        if config.tokens >= dense_from:
+            return f"dequantize + cuBLAS: M = {config.tokens} >= {dense_from}, {where}"
+        return f"the Marlin kernel: M = {config.tokens} < {dense_from}, {where}"
+
     def matmul(self, x, weights: PreparedWeights):
         tokens = tokens_of(x.shape)
         dense_from = dense_from_tokens(weights.config)
