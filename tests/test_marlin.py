@@ -116,9 +116,12 @@ def test_large_m_runs_the_dense_path(rng):
 def test_dense_crossover_per_device_and_layer_size():
     """DENSE_CROSSOVER: the row with the largest weight count <= N x K applies; devices
     without rows take their instruction path's crossover."""
+    import types
+
     from jax_mxfp4.kernels import marlin
 
-    h100, h200 = "NVIDIA H100 80GB HBM3", "NVIDIA H200"
+    h100, h200 = (types.SimpleNamespace(device_kind=kind, platform="gpu")
+                  for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"))
     small, mid, edge, big = (LinearConfig(4096, 4096), LinearConfig(4096, 14336),
                              LinearConfig(8192, 8192), LinearConfig(8192, 28672))
     assert [marlin.dense_from_tokens(c, h100) for c in (small, mid, edge, big)] == [384, 768, 768, 768]
@@ -130,7 +133,8 @@ def test_dense_crossover_per_device_and_layer_size():
         assert rows[0][0] == 0 and list(rows) == sorted(rows)  # every size has a row
     # the default device here (CPU) has no row and no wgmma: the mma.sync crossover
     assert marlin.dense_from_tokens(big) == marlin.DENSE_FROM_TOKENS_MMA_SYNC
-    assert marlin.dense_from_tokens(big, "NVIDIA A100-SXM4-80GB") == marlin.DENSE_FROM_TOKENS_MMA_SYNC
+    a100_on_cpu = types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-80GB", platform="cpu")  # no wgmma
+    assert marlin.dense_from_tokens(big, a100_on_cpu) == marlin.DENSE_FROM_TOKENS_MMA_SYNC
 
 
 def test_selection_report_says_which_path_runs():

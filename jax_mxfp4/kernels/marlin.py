@@ -112,10 +112,10 @@ def planned_ctas_per_sm(tokens: int, config: LinearConfig, device_kind: str) -> 
 _FALLBACK_SM_COUNT = 132
 
 
-def _has_wgmma() -> bool:
-    """The default device is compute capability 9.0 (H100/H200): the kernel's
-    sm_90a ``wgmma`` configurations can run there (and nowhere else)."""
-    device = default_device()
+def _has_wgmma(device=None) -> bool:
+    """``device`` (default: the default device) is compute capability 9.0 (H100/H200):
+    the kernel's sm_90a ``wgmma`` configurations can run there (and nowhere else)."""
+    device = device or default_device()
     return _native.is_cuda_device(device) and tuple(_native.cuda_compute_capability(device)) == (9, 0)
 
 
@@ -127,16 +127,15 @@ def _sm_count() -> int:
     return count if count > 0 else _FALLBACK_SM_COUNT
 
 
-def dense_from_tokens(config: LinearConfig, device_kind: str | None = None) -> int | None:
-    """M from which ``matmul`` runs the dense path for this layer on ``device_kind``
-    (default: the default device's): ``DENSE_CROSSOVER``'s row for the layer's N x K
-    where the device has one, else the crossover of its instruction path
+def dense_from_tokens(config: LinearConfig, device=None) -> int | None:
+    """M from which ``matmul`` runs the dense path for this layer on ``device``
+    (default: the default device): ``DENSE_CROSSOVER``'s row for the layer's N x K
+    where the device's kind has one, else the crossover of its instruction path
     (``DENSE_FROM_TOKENS`` with wgmma, ``DENSE_FROM_TOKENS_MMA_SYNC`` without)."""
-    if device_kind is None:
-        device_kind = default_device().device_kind
-    rows = DENSE_CROSSOVER.get(device_kind)  # (devices of compute capability 9.0 only)
+    device = device or default_device()
+    rows = DENSE_CROSSOVER.get(device.device_kind)  # (devices of compute capability 9.0 only)
     if rows is None:
-        return DENSE_FROM_TOKENS if _has_wgmma() else DENSE_FROM_TOKENS_MMA_SYNC
+        return DENSE_FROM_TOKENS if _has_wgmma(device) else DENSE_FROM_TOKENS_MMA_SYNC
     weights = config.out_features * config.in_features
     return max((row for row in rows if row[0] <= weights), key=lambda row: row[0])[1]
 
@@ -175,7 +174,7 @@ class MarlinKernel(Mxfp4LinearKernel):
         return prepared_specs(n_axes, k_axes)
 
     def describe_path(self, config: LinearConfig, device) -> str:
-        dense_from = dense_from_tokens(config, device.device_kind)
+        dense_from = dense_from_tokens(config, device)
         if dense_from is None:
             return "the Marlin kernel at every M"
         where = (f"the crossover for {config.out_features} x {config.in_features} weights on "
