@@ -25,11 +25,11 @@ enum class SplitReduce {
              // (arrival counters, zeroed by a memset before the launch)
   kPass,     // a second kernel right after the GEMM, one block per slice of
              // each split column (no counters)
-  kCluster,  // (sm_90) where the columns fill at most half the SMs: each
-             // column's k tiles are cut evenly over a thread-block cluster
-             // of 2-8 CTAs, which sum their partial tiles through
-             // distributed shared memory (no workspace, no second kernel);
-             // otherwise stripes with kPass
+  kCluster,  // (sm_90) where every column's cluster runs at once and they
+             // fill >= 2/3 of the SMs (MakePlan): each column's k tiles are
+             // cut evenly over a thread-block cluster of 2-8 CTAs, which sum
+             // their partial tiles through distributed shared memory (no
+             // workspace, no second kernel); otherwise stripes with kPass
 };
 
 struct TileConfig {
