@@ -287,6 +287,80 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 #endif
 }
+// mbarrier and register reallocation for the warp-specialized wgmma kernel
+// (sm_90a; same guard as wgmma). A pipeline slot's "full" barrier completes
+// when every producer thread's copies into it have landed (one asynchronous
+// arrival per thread: CpAsyncArriveNoinc); its "empty" barrier when every
+// consumer warp is done reading it.
+// #parallel-synchronization-and-communication-instructions-mbarrier
+__device__ __forceinline__ void MbarrierInit(uint64_t* bar, uint32_t arrivals) {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(SmemAddr(bar)), "r"(arrivals) : "memory");
+#endif
+}
+// Orders the initializations before the barriers' first use by other threads.
+__device__ __forceinline__ void FenceMbarrierInit() {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// One arrival, with release semantics (the caller's earlier shared-memory
+// reads and writes happen before the phase completes).
+__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+#endif
+}
+// The same where `pred` holds, as a predicated instruction (no branch: a
+// divergent branch between wgmma instructions makes ptxas serialize them).
+__device__ __forceinline__ void MbarrierArriveIf(uint64_t* bar, bool pred) {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(
+                   SmemAddr(bar)),
+               "r"(static_cast<int>(pred))
+               : "memory");
+#endif
+}
+// One arrival, made when all of this thread's earlier cp.async copies have
+// completed (.noinc: the arrival is one of the barrier's initial count).
+// #data-movement-and-conversion-instructions-cp-async-mbarrier-arrive
+__device__ __forceinline__ void CpAsyncArriveNoinc(uint64_t* bar) {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
+#endif
+}
+// Blocks until the barrier's phase of the given parity has completed
+// (acquire: what the arrivals ordered before it is visible after).
+__device__ __forceinline__ void MbarrierWait(uint64_t* bar, uint32_t parity) {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(SmemAddr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+#else
+  __trap();  // (never reached: only sm_90a kernels wait on mbarriers)
+#endif
+}
+// Per-warpgroup register budget (every warp of the warpgroup executes it):
+// a producer warpgroup gives registers back, the consumers take them.
+// #miscellaneous-instructions-setmaxnreg
+template <int kRegs>
+__device__ __forceinline__ void SetMaxNRegDec() {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxNRegInc() {
+#if defined(JAX_MXFP4_HAS_WGMMA)
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+
 // Pins a register for the compiler (no instruction): accumulators of an
 // in-flight wgmma must not be moved across the wait by the optimizer.
 __device__ __forceinline__ void RegisterFence(float& r) { asm volatile("" : "+f"(r)::"memory"); }

@@ -54,7 +54,7 @@ def tile_configs():
     body = re.search(r"kTileConfigs\[\] = \{(.*?)\n\};", text, re.S).group(1)
     rows = re.findall(
         r'\{"(\w+)",\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\d+),\s*(\w+),\s*(\d+),\s*MmaPath::k(\w+),'
-        r"\s*SplitReduce::k(\w+)\}",
+        r"\s*SplitReduce::k(\w+),\s*Loader::k(\w+)\}",
         body,
     )
     keys = ("tile_m", "n_tile", "k_tile", "warps_n", "warps_k", "stages")
@@ -65,6 +65,7 @@ def tile_configs():
         cfg["min_n"] = int(r[8])
         cfg["path"] = {"Any": "any", "MmaSync": "mma_sync", "Wgmma": "wgmma"}[r[9]]
         cfg["reduce"] = {"LastCta": "last_cta", "Pass": "pass", "Cluster": "cluster"}[r[10]]
+        cfg["loader"] = {"AllWarps": "all_warps", "ProducerWarpgroup": "producer_warpgroup"}[r[11]]
         # Geometry::kWeightsA: the dequantized weights are the MMA's A operand
         cfg["weights_a"] = cfg["path"] == "wgmma" or cfg["tile_m"] < 16
         out.append(cfg)

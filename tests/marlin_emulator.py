@@ -41,10 +41,25 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None, capac
     ``capacity`` ({2: clusters, 4: ..., 8: ...}, ClusterCapacity): with it, cluster split-K for the
     SplitReduce::kCluster rows (plan ``cluster`` > 1, grid = n_cols x cluster) where one fits."""
     cfgs = tile_configs()
+    skip = "mma_sync" if wgmma else "wgmma"
+
+    def select(start):
+        return next(i for i, c in enumerate(cfgs)
+                    if i >= start and c["path"] != skip and m <= c["max_m"] and n >= c["min_n"])
+
+    def cluster_split(c):
+        if c["reduce"] != "cluster" or not capacity:
+            return 1
+        n_cols = ceil_div(m, c["tile_m"]) * ceil_div(n, c["n_tile"])
+        k_tiles = ceil_div(k // 32, c["k_tile"] // 32)
+        fits = [s for s in (2, 4, 8) if n_cols <= capacity.get(s, 0) and s * n_cols <= sm_count and 2 * s <= k_tiles]
+        cluster = max(fits, default=1)
+        return 1 if 3 * cluster * n_cols < 2 * sm_count else cluster  # keeps >= 2/3 of the SMs busy
+
     if cfg_index is None:
-        skip = "mma_sync" if wgmma else "wgmma"
-        cfg_index = next(i for i, c in enumerate(cfgs)
-                         if c["path"] != skip and m <= c["max_m"] and n >= c["min_n"])
+        cfg_index = select(0)
+        if cfgs[cfg_index]["reduce"] == "cluster" and cluster_split(cfgs[cfg_index]) <= 1:
+            cfg_index = select(cfg_index + 1)  # the cluster row's stripe form (wgmma128 -> wgmma128ws)
     c = cfgs[cfg_index]
     m_chunks = ceil_div(m, c["tile_m"])
     n_tiles = ceil_div(n, c["n_tile"])
@@ -52,10 +67,7 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None, capac
     n_cols = m_chunks * n_tiles
     total = n_cols * k_tiles
     if c["reduce"] == "cluster" and capacity:  # cluster split-K (wgmma rows, not emulated)
-        fits = [s for s in (2, 4, 8) if n_cols <= capacity.get(s, 0) and s * n_cols <= sm_count and 2 * s <= k_tiles]
-        cluster = max(fits, default=1)
-        if 3 * cluster * n_cols < 2 * sm_count:  # keeps >= 2/3 of the SMs busy
-            cluster = 1
+        cluster = cluster_split(c)
         if cluster > 1:
             return dict(cfg=cfg_index, c=c, m_chunks=m_chunks, n_tiles=n_tiles, k_tiles=k_tiles,
                         n_cols=n_cols, total=total, grid=n_cols * cluster, iters=ceil_div(k_tiles, cluster),
@@ -66,7 +78,7 @@ def make_plan(m, n, k, sm_count, cfg_index=None, wgmma=False, reduce=None, capac
         iters = ceil_div(iters, k_tiles) * k_tiles
     grid = ceil_div(total, iters)
     split = grid > 1 and iters % k_tiles != 0
-    reduce_pass = split and (reduce or c["reduce"]) in ("pass", "cluster")  # cluster rows: pass fallback
+    reduce_pass = split and (reduce or c["reduce"]) in ("pass", "cluster")  # (a forced cluster row: the pass)
     ws = 0
     if split:
         counters = 0 if reduce_pass else ceil_div(4 * n_cols, 256) * 256

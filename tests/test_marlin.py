@@ -319,8 +319,9 @@ def test_cuda_dispatch_on_both_sides_of_the_crossover(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k,n", [(4160, 200), (96, 96), (2912, 5792), (8192, 8192)])
 def test_cuda_wgmma_and_mma_sync_configs(k, n, rng):
-    """Hopper runs M > 32 on the wgmma tile configurations (wgmma64: M <= 64, wgmma128
-    beyond, in 128-row chunks), the mma.sync ones stay selectable (M <= 32 runs mma.sync
+    """Hopper runs M > 32 on the wgmma tile configurations (wgmma64: M <= 64, then 128-row
+    chunks: wgmma128 where a cluster plan fits, else the warp-specialized wgmma128ws), the
+    mma.sync ones stay selectable (M <= 32 runs mma.sync
     either way: small8 to M = 8, then small, medium): both against the
     reference at M around each boundary, with residues in N (not a multiple of the
     256-feature tile) and K (an odd number of 32-blocks: a half k tile), and the split-K

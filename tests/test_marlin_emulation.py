@@ -202,16 +202,24 @@ def test_plan_configs_cover_m():
     assert make_plan(32, 4096, 4096, 132, wgmma=True)["c"]["name"] == "medium"
     assert make_plan(33, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
     assert make_plan(64, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma64"
-    assert make_plan(65, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128"
-    assert make_plan(4096, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128"
+    # M > 64: wgmma128 where a cluster plan fits (needs the device's capacity), else its stripe
+    # form wgmma128ws (the warp-specialized kernel); always the latter at trace time
+    assert make_plan(65, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128ws"
+    assert make_plan(4096, 4096, 4096, 132, wgmma=True)["c"]["name"] == "wgmma128ws"
+    cap = {2: 66, 4: 30, 8: 15}
+    assert make_plan(128, 5760, 2880, 132, wgmma=True, capacity=cap)["c"]["name"] == "wgmma128"
+    assert make_plan(1024, 8192, 28672, 132, wgmma=True, capacity=cap)["c"]["name"] == "wgmma128ws"
+    # a forced cluster row keeps its own stripes (and the reduction pass)
+    p = make_plan(1024, 8192, 28672, 132, cfg_index=cfg_index("wgmma128"), wgmma=True, capacity=cap)
+    assert p["c"]["name"] == "wgmma128" and p["cluster"] == 0
     p = make_plan(1, 8192, 8192, 132)
     assert p["grid"] <= 132 and p["split"]
 
 
 def test_cluster_split_plans():
     """wgmma128 with a cluster capacity: the largest cluster (2, 4, 8 CTAs) whose n_cols clusters run
-    at once, within the SMs, >= 2 k tiles per CTA, if it keeps >= 2/3 of the SMs busy; else stripes
-    with the reduction pass."""
+    at once, within the SMs, >= 2 k tiles per CTA, if it keeps >= 2/3 of the SMs busy; else the
+    stripes of wgmma128ws with the reduction pass."""
     cap = {2: 66, 4: 32, 8: 16}  # illustrative (the lent H100: 66 / 30 / 15)
     p = make_plan(128, 4096, 4096, 132, wgmma=True, capacity=cap)  # 16 columns
     assert (p["cluster"], p["grid"], p["iters"], p["ws"]) == (8, 128, 8, 0) and p["split"]
@@ -219,6 +227,7 @@ def test_cluster_split_plans():
     assert (p["cluster"], p["grid"]) == (4, 128)
     p = make_plan(128, 8192, 8192, 132, wgmma=True, capacity={2: 66, 4: 30, 8: 15})  # 4 does not fit,
     assert p["cluster"] == 0 and p["reduce_pass"]  # and 2 would leave half the SMs idle
+    assert p["c"]["name"] == "wgmma128ws"  # no cluster plan: the stripe form of the tile
     p = make_plan(256, 8192, 8192, 132, wgmma=True, capacity={2: 66, 4: 30, 8: 15})  # 64 columns
     assert (p["cluster"], p["grid"]) == (2, 128)
     p = make_plan(128, 5760, 2880, 132, wgmma=True, capacity={2: 66, 4: 30, 8: 15})  # 23 columns: 92 CTAs

@@ -49,7 +49,7 @@ def test_tables_match_header():
     assert _parse_extract("kMarlinExtractF16") == mw.EXTRACT["float16"]
     assert _parse_target("kTargetBitBf16") == mw.TARGET_BIT["bfloat16"]
     assert _parse_target("kTargetBitF16") == mw.TARGET_BIT["float16"]
-    assert [c["name"] for c in tile_configs()] == ["small8", "smalln", "small", "medium", "large", "wgmma64", "wgmma128"]
+    assert [c["name"] for c in tile_configs()] == ["small8", "smalln", "small", "medium", "large", "wgmma64", "wgmma128", "wgmma128ws"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -11,6 +11,7 @@
 #include "../cuda_helpers.cuh"
 #include "marlin_gemm.h"
 #include "marlin_kernel.cuh"
+#include "marlin_kernel_ws.cuh"
 #include "marlin_kernel_params.cuh"
 #include "marlin_plan.h"
 #include "marlin_split_reduce.cuh"
@@ -27,15 +28,15 @@ namespace {
 // Per-device "dynamic shared memory opt-in done" flags, per kernel instance.
 constexpr int kMaxDevices = 64;
 
-// A launch of kThreads-thread CTAs with `smem` bytes of dynamic shared memory
+// A launch of `threads`-thread CTAs with `smem` bytes of dynamic shared memory
 // in clusters of `cluster` CTAs along x (cudaLaunchKernelEx and
 // cudaOccupancyMaxActiveClusters take the same description); `attribute`
 // holds the cluster dimension the config points to.
-cudaLaunchConfig_t ClusterLaunchConfig(int grid, int smem, cudaStream_t stream, int cluster,
+cudaLaunchConfig_t ClusterLaunchConfig(int grid, int threads, int smem, cudaStream_t stream, int cluster,
                                        cudaLaunchAttribute& attribute) {
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(grid);
-  config.blockDim = dim3(kThreads);
+  config.blockDim = dim3(threads);
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   attribute.id = cudaLaunchAttributeClusterDimension;
@@ -50,10 +51,18 @@ cudaLaunchConfig_t ClusterLaunchConfig(int grid, int smem, cudaStream_t stream, 
 // The GEMM kernel, then, if the plan splits K and the row sums split columns
 // in the reduction pass, that pass over the plan's columns (a plan with a
 // split has n_cols < 4 x #SMs: see MakePlan).
+// The GEMM kernel of row kCfg: the all-warps kernel or the warp-specialized one.
+template <int kCfg, typename T>
+constexpr auto GemmKernelOf() {
+  if constexpr (Geometry<kCfg>::kProducerWarpgroup) return &MarlinMxfp4GemmKernelWs<kCfg, T>;
+  else return &MarlinMxfp4GemmKernel<kCfg, T>;
+}
+
 template <int kCfg, typename T>
 std::string LaunchConfig(const KernelParams& params, const Plan& plan, cudaStream_t stream) {
   constexpr int kSmem = Geometry<kCfg>::kSmemBytes;
-  auto* kernel = &MarlinMxfp4GemmKernel<kCfg, T>;
+  constexpr int kBlock = Geometry<kCfg>::kBlockThreads;
+  auto* kernel = GemmKernelOf<kCfg, T>();
   static std::atomic<bool> smem_set[kMaxDevices];
   int device = 0;
   JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -66,10 +75,11 @@ std::string LaunchConfig(const KernelParams& params, const Plan& plan, cudaStrea
   }
   if (plan.cluster > 1) {  // cluster split-K
     cudaLaunchAttribute attribute;
-    const cudaLaunchConfig_t config = ClusterLaunchConfig(plan.grid, kSmem, stream, plan.cluster, attribute);
+    const cudaLaunchConfig_t config =
+        ClusterLaunchConfig(plan.grid, kBlock, kSmem, stream, plan.cluster, attribute);
     JAX_MXFP4_CUDA_RETURN_IF_ERROR(cudaLaunchKernelEx(&config, kernel, params));
   } else {
-    kernel<<<plan.grid, kThreads, kSmem, stream>>>(params);
+    kernel<<<plan.grid, kBlock, kSmem, stream>>>(params);
   }
   // cudaGetLastError reports launch-configuration errors of this launch (and
   // could report an earlier asynchronous error of another kernel).
@@ -91,12 +101,13 @@ ClusterCapacity QueryClusterCapacity() {
   ClusterCapacity cap;
   if constexpr (Geometry<kCfg>::kClusterSplit) {
     constexpr int kSmem = Geometry<kCfg>::kSmemBytes;
-    auto* kernel = &MarlinMxfp4GemmKernel<kCfg, __nv_bfloat16>;  // (f16: the same resources)
+    auto* kernel = GemmKernelOf<kCfg, __nv_bfloat16>();  // (f16: the same resources)
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) != cudaSuccess)
       return ClusterCapacity{};
     for (int log2 = 1, size = 2; size <= kMaxClusterSplit; ++log2, size *= 2) {
       cudaLaunchAttribute attribute;
-      const cudaLaunchConfig_t config = ClusterLaunchConfig(size, kSmem, nullptr, size, attribute);
+      const cudaLaunchConfig_t config =
+          ClusterLaunchConfig(size, Geometry<kCfg>::kBlockThreads, kSmem, nullptr, size, attribute);
       if (cudaOccupancyMaxActiveClusters(&cap.clusters[log2], kernel, &config) != cudaSuccess) {
         (void)cudaGetLastError();  // clear it: not a launch error
         return ClusterCapacity{};
@@ -157,12 +168,10 @@ int MarlinDeviceSmCount(int device) {
 
 ClusterCapacity MarlinClusterCapacity(int device, int64_t m, int64_t n, int64_t k, bool use_wgmma,
                                       const char* tile_config) {
-  Plan plan;
-  if (!use_wgmma || device < 0 || device >= kMaxDevices ||
-      !MakePlan(m, n, k, MarlinDeviceSmCount(device), use_wgmma, &plan, tile_config) ||
-      kTileConfigs[plan.cfg].reduce != SplitReduce::kCluster)
+  const int row = ClusterRowOf(m, n, use_wgmma, tile_config);
+  if (!use_wgmma || device < 0 || device >= kMaxDevices || !MarlinCanImplement(n, k).empty() || row < 0)
     return ClusterCapacity{};
-  return CachedClusterCapacity(device, plan.cfg);
+  return CachedClusterCapacity(device, row);
 }
 
 std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
@@ -186,9 +195,10 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
   if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config))
     return "jax_mxfp4 marlin: cannot plan M=" + std::to_string(args.m) +
            (args.tile_config ? std::string(" with tile config ") + args.tile_config : std::string());
-  if (args.use_wgmma && kTileConfigs[plan.cfg].reduce == SplitReduce::kCluster && device < kMaxDevices) {
-    // The row can split columns over clusters: plan again with what the device fits.
-    const ClusterCapacity capacity = CachedClusterCapacity(device, plan.cfg);
+  const int cluster_row = ClusterRowOf(args.m, args.n, args.use_wgmma, args.tile_config);
+  if (args.use_wgmma && cluster_row >= 0 && device < kMaxDevices) {
+    // A row that can split columns over clusters: plan again with what the device fits.
+    const ClusterCapacity capacity = CachedClusterCapacity(device, cluster_row);
     MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config,
              &capacity);  // (succeeds: the same arguments planned above)
   }

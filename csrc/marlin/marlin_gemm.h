@@ -50,10 +50,10 @@ int MarlinDeviceSmCount(int device);
 std::string MarlinDescribePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool use_wgmma,
                                const char* tile_config = nullptr, const ClusterCapacity* capacity = nullptr);
 
-// The cluster capacity of device `device` for the tile row MarlinGemm would
-// use (queried once per device and row, cached; all zero where the row has
-// no cluster split-K, the device is not compute capability 9.0 or a query
-// fails). Needs a CUDA device.
+// The cluster capacity of device `device` for the cluster row MarlinGemm
+// tries for these sizes (ClusterRowOf; queried once per device and row,
+// cached; all zero where that row has no cluster split-K, the device is not
+// compute capability 9.0 or a query fails). Needs a CUDA device.
 ClusterCapacity MarlinClusterCapacity(int device, int64_t m, int64_t n, int64_t k, bool use_wgmma,
                                       const char* tile_config = nullptr);
 

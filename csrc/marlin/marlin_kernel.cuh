@@ -30,6 +30,10 @@
 //     of stripes, each column's k tiles are cut over one thread-block
 //     cluster of 2-8 CTAs, which sum their partial tiles through distributed
 //     shared memory (ClusterSumColumn) in the same order as the pass.
+//   * The wgmma rows' stripe plans (wgmma128ws) run the warp-specialized
+//     variant of this kernel instead (marlin_kernel_ws.cuh: a producer
+//     warpgroup copies, mbarriers per slot); both share the wgmma step
+//     (marlin_wgmma.cuh).
 //   * Pipeline: cp.async global->shared with `stages` buffers; a CTA walks its
 //     stripe continuously across column boundaries (the epilogue of one column
 //     runs while later tiles are already in flight), one __syncthreads/stage.
@@ -67,6 +71,7 @@
 #include "marlin_layout.h"
 #include "marlin_split_reduce.cuh"
 #include "marlin_tiles.h"
+#include "marlin_wgmma.cuh"
 
 namespace jax_mxfp4 {
 namespace marlin {
@@ -81,6 +86,7 @@ namespace marlin {
 template <int kCfg, typename T>
 __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const KernelParams p) {
   using G = Geometry<kCfg>;
+  static_assert(!G::kProducerWarpgroup, "rows with a producer warpgroup run MarlinMxfp4GemmKernelWs");
   constexpr InputDType kD = DTypeOf<T>::kValue;
 
   extern __shared__ uint4 smem_raw[];
@@ -309,69 +315,16 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
     }
   };
 
-  // wgmma: warp w dequantizes unit w (its lane's 16 bytes: 4 n8 tiles x 32 k)
-  // into the A fragments of both m64 halves of its warpgroup. Half h takes
-  // n8 tiles 2h (rows g of the warp's m16 slice) and 2h + 1 (rows g + 8):
-  // the tiles' B registers {k 2t.., k 2t+8..} are the A registers
-  // {a0 | a2} and {a1 | a3}. One wgmma group per scale block, at most two in
-  // flight: block j waits for group j - 2, then dequantizes while group j - 1
-  // runs. Group j's fragments stay in wg_frag[j % 2] (k_tile = 2 blocks:
-  // j % 2 = kbl) until the wait that retires it. PTX makes touching a
-  // register an in-flight wgmma reads undefined, and ptxas, which takes the
-  // wgmma instruction for the value's last use, did reuse those registers for
-  // the next block's dequantization before the wait (seen in the SASS;
-  // corrupted fp16 results once nothing else delayed the warps).
-  [[maybe_unused]] uint32_t wg_frag[2][2][2][4] = {};  // [block % 2][k16 step s][half h][register]
-  auto fence_fragments = [&](int buf) {
-#pragma unroll
-    for (int s = 0; s < 2; ++s)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ptx::RegisterFence(wg_frag[buf][s][h][e]);
-  };
+  // wgmma (marlin_wgmma.cuh): warp w dequantizes unit w; at most two groups in flight.
+  [[maybe_unused]] WgmmaFragments wg_frag = {};
   auto compute_stage_wgmma = [&](int slot) {
-    if constexpr (G::kWgmma) {  // (instantiated for the mma.sync rows too, never called there)
-      static_assert(G::kKbTile == 2, "wg_frag is indexed by the scale block's parity");
-      const uint4* const sa = pipe + slot * G::kStageChunks;
-      const uint4* const sb = sa + G::kAChunks;
-      const uint32_t* const ss = reinterpret_cast<const uint32_t*>(sb + G::kBChunks);
-#pragma unroll
-      for (int kbl = 0; kbl < G::kKbTile; ++kbl) {
-        const uint4 w = sb[(kbl * G::kUnitsTile + warp) * 32 + lane];        // LDS.128
-        const uint32_t sw = ss[(kbl * G::kNTile + warp * kUnitN) / 4 + g];  // 4 multiplier bytes
-        ptx::WgmmaWait<1>();
-        fence_fragments(kbl);  // group j - 2, which read wg_frag[kbl], is done
-        uint32_t bt[4][4];
-        DequantUnit<kD>(w, sw, bt);
-        ptx::WgmmaFence();
-#pragma unroll
-        for (int s = 0; s < 2; ++s)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            uint32_t(&fa)[4] = wg_frag[kbl][s][h];
-            WeightsAFragment(bt, h, s, fa);
-            // k16 step 2 kbl + s = 32 bytes into each 128-byte swizzled row.
-            ptx::WgmmaM64K16RS<T, G::kTileM>(
-                reinterpret_cast<float(&)[G::kTileM / 2]>(acc[h * (G::kTileM / 8)]), fa,
-                ptx::SmemDescSwizzle128(sa + 4 * kbl + 2 * s));
-          }
-        ptx::WgmmaCommit();
-      }
-    }
+    if constexpr (G::kWgmma)  // (instantiated for the mma.sync rows too, never called there)
+      WgmmaStage<kCfg, T>(pipe + slot * G::kStageChunks, warp, lane, g, acc, wg_frag, [](int) {});
   };
 
   // ---- end of a column: reduce warps_k, then CTAs, then store ----
   auto finish_column = [&](int col) {
-    if constexpr (G::kWgmma) {  // the accumulators are final once no wgmma is in flight
-      ptx::WgmmaWait<0>();
-      fence_fragments(0);
-      fence_fragments(1);
-#pragma unroll
-      for (int i = 0; i < G::kFrags; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) ptx::RegisterFence(acc[i][e]);
-    }
+    if constexpr (G::kWgmma) WgmmaRetireAll<kCfg>(acc, wg_frag);  // the accumulators are final
     // 1. warps_k partial sums -> warps with warp_k == 0 (fragment layout,
     //    lane-contiguous float4s: conflict-free).
     if constexpr (G::kWarpsK > 1) {
@@ -408,14 +361,7 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
     const ColumnCtas ctas = CtasOfColumn(p, col);
     bool store = true;
     if (ctas.first != ctas.last) {
-      if (warp_k == 0) {
-        float4* const part = reinterpret_cast<float4*>(p.partials) +
-                             static_cast<int64_t>(PartialSlot(p, blockIdx.x, col)) * G::kPartialChunks;
-#pragma unroll
-        for (int i = 0; i < G::kFrags; ++i)
-          part[(warp_n * G::kFrags + i) * 32 + lane] =
-              make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
-      }
+      if (warp_k == 0) WritePartialTile<kCfg>(p, col, warp_n, lane, acc);
       if constexpr (G::kReducePass) {
         store = false;
       } else {
@@ -439,32 +385,7 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
     //    (element positions: FragmentElement). The loops load each feature's
     //    factor once and pair the stores where they can.
     if constexpr (G::kWeightsA) {
-      if (store && (G::kWarpsK == 1 || warp_k == 0)) {
-        const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
-        const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
-        T* const c = static_cast<T*>(p.c);
-#pragma unroll
-        for (int u = 0; u < G::kUnitsWarp; ++u)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              const int frag0 = (2 * u + h) * (G::kTileM / 8);  // token tiles frag0 + i
-              const int nf = n_idx * G::kNTile + FragmentElement<kCfg>(warp_n, lane, frag0, 2 * r).feature;
-              if (nf >= p.n) continue;
-              const float f = RowFactor(planes, p.n_pad, nf);
-#pragma unroll
-              for (int i = 0; i < G::kTileM / 8; ++i)
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                  const int row =
-                      m_chunk * G::kTileM + FragmentElement<kCfg>(warp_n, lane, frag0 + i, 2 * r + e).row;
-                  if (row < p.m)
-                    c[static_cast<int64_t>(row) * p.n + nf] =
-                        ptx::FloatTo<T>(__fmul_rn(acc[frag0 + i][2 * r + e], f));
-                }
-            }
-      }
+      if (store && (G::kWarpsK == 1 || warp_k == 0)) StoreColumnWeightsA<kCfg, T>(p, col, warp_n, lane, acc);
     } else if (store && warp_k == 0) {
       const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
       const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;

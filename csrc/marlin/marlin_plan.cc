@@ -17,14 +17,33 @@ namespace marlin {
 namespace {
 
 // Rows of the other path are skipped; the last row of each path has
-// max_m = INT_MAX and min_n = 0, so every M, N >= 1 finds one.
-int SelectConfig(int64_t m, int64_t n, bool wgmma) {
-  for (int i = 0; i < kNumTileConfigs; ++i) {
+// max_m = INT_MAX and min_n = 0, so every M, N >= 1 finds one. `from` is the
+// first row considered (MakePlan moves past a cluster row that gets no
+// cluster plan).
+int SelectConfig(int64_t m, int64_t n, bool wgmma, int from = 0) {
+  for (int i = from; i < kNumTileConfigs; ++i) {
     const MmaPath path = kTileConfigs[i].path;
     if (path == (wgmma ? MmaPath::kMmaSync : MmaPath::kWgmma)) continue;
     if (m <= kTileConfigs[i].max_m && n >= kTileConfigs[i].min_n) return i;
   }
   return -1;
+}
+
+// Cluster split-K of row `cfg` (see MakePlan's declaration): the largest
+// cluster of 2, 4, 8 CTAs whose n_cols clusters the device runs at once,
+// with >= 2 k tiles per CTA and n_cols x cluster <= sm_count, and only
+// where the clusters keep >= 2/3 of the SMs busy (self-test, H100: 92-128
+// of 132 CTAs 1.05-1.20x the stripes, 64 of 132 0.60-0.94x); 1: none.
+int ClusterSplit(int64_t m, int64_t n, int64_t k, int sm_count, int cfg, const ClusterCapacity* capacity) {
+  const TileConfig& c = kTileConfigs[cfg];
+  if (c.reduce != SplitReduce::kCluster || capacity == nullptr) return 1;
+  const int64_t n_cols = CeilDiv(m, c.tile_m) * CeilDiv(n, c.n_tile);
+  const int64_t k_tiles = CeilDiv(k / kBlockK, c.k_tile / kBlockK);
+  int cluster = 1;
+  for (int size = 2; size <= kMaxClusterSplit; size *= 2)
+    if (n_cols <= capacity->Of(size) && size * n_cols <= sm_count && 2 * size <= k_tiles) cluster = size;
+  if (3 * cluster * n_cols < 2 * static_cast<int64_t>(sm_count)) cluster = 1;
+  return cluster;
 }
 
 int ConfigByName(const char* name, bool wgmma) {
@@ -42,6 +61,15 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   Plan p;
   p.cfg = tile_config ? ConfigByName(tile_config, wgmma) : SelectConfig(m, n, wgmma);
   if (p.cfg < 0) return false;
+  // A cluster row (SplitReduce::kCluster) serves only the plans where its
+  // clusters fit; the others go to the next row for this M and N (its
+  // stripe form: wgmma128 -> wgmma128ws, the warp-specialized kernel). A
+  // forced row keeps its own stripes and the reduction pass instead.
+  if (!tile_config && kTileConfigs[p.cfg].reduce == SplitReduce::kCluster &&
+      ClusterSplit(m, n, k, sm_count, p.cfg, capacity) <= 1) {
+    const int next = SelectConfig(m, n, wgmma, p.cfg + 1);
+    if (next >= 0) p.cfg = next;
+  }
   const TileConfig& c = kTileConfigs[p.cfg];
   const int64_t m_chunks = CeilDiv(m, c.tile_m);
   const int64_t n_tiles = CeilDiv(n, c.n_tile);
@@ -55,21 +83,14 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   p.n_cols = static_cast<int>(n_cols);
   p.total = total;
   // Cluster split-K (see the declaration): the largest cluster that fits.
-  if (c.reduce == SplitReduce::kCluster && capacity != nullptr) {
-    int cluster = 1;
-    for (int size = 2; size <= kMaxClusterSplit; size *= 2)
-      if (n_cols <= capacity->Of(size) && size * n_cols <= sm_count && 2 * size <= k_tiles) cluster = size;
-    // ... and only where it keeps >= 2/3 of the SMs busy (self-test, H100:
-    // 92-128 of 132 CTAs 1.05-1.20x the stripes, 64 of 132 0.60-0.94x).
-    if (3 * cluster * n_cols < 2 * static_cast<int64_t>(sm_count)) cluster = 1;
-    if (cluster > 1) {
-      p.cluster = cluster;
-      p.grid = static_cast<int>(n_cols * cluster);
-      p.iters = static_cast<int>(CeilDiv(k_tiles, cluster));  // the most tiles a CTA takes
-      p.split = true;
-      *plan = p;
-      return true;
-    }
+  const int cluster = ClusterSplit(m, n, k, sm_count, p.cfg, capacity);
+  if (cluster > 1) {
+    p.cluster = cluster;
+    p.grid = static_cast<int>(n_cols * cluster);
+    p.iters = static_cast<int>(CeilDiv(k_tiles, cluster));  // the most tiles a CTA takes
+    p.split = true;
+    *plan = p;
+    return true;
   }
   int64_t grid = std::min<int64_t>(sm_count, total);
   int64_t iters = CeilDiv(total, grid);
@@ -83,12 +104,18 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   // is not a multiple of k_tiles, i.e. iff iters is not.
   p.split = grid > 1 && iters % k_tiles != 0;
   if (p.split) {
-    p.reduce_pass = c.reduce != SplitReduce::kLastCta;  // kCluster rows fall back to the pass
+    p.reduce_pass = c.reduce != SplitReduce::kLastCta;  // (a forced kCluster row: the pass)
     if (!p.reduce_pass) p.counter_bytes = RoundUp(4 * n_cols, 256);
     p.partial_bytes = 2 * grid * c.tile_m * c.n_tile * static_cast<int64_t>(sizeof(float));
   }
   *plan = p;
   return true;
+}
+
+int ClusterRowOf(int64_t m, int64_t n, bool wgmma, const char* tile_config) {
+  if (m < 1 || n < 1) return -1;
+  const int cfg = tile_config ? ConfigByName(tile_config, wgmma) : SelectConfig(m, n, wgmma);
+  return cfg >= 0 && kTileConfigs[cfg].reduce == SplitReduce::kCluster ? cfg : -1;
 }
 
 // ===========================================================================

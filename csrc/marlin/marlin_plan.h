@@ -39,11 +39,19 @@ struct ClusterCapacity {
 // Cluster split-K (SplitReduce::kCluster rows) is planned only with a
 // `capacity` (MarlinGemm queries it on the device): the largest cluster of
 // 8, 4, 2 CTAs such that all n_cols clusters run at once, n_cols x cluster
-// <= sm_count and each CTA gets >= 2 k tiles; without one, or where none
-// fits, the stripes. The workspace of the plan without `capacity` is thus an
-// upper bound (a cluster plan needs none).
+// <= sm_count and each CTA gets >= 2 k tiles, on >= 2/3 of the SMs; without
+// one, or where none fits, the next row for this M and N (wgmma128 ->
+// wgmma128ws: the same tile in stripes, warp-specialized), or a forced
+// cluster row's own stripes. The workspace of the plan without `capacity`
+// is thus an upper bound (a cluster plan needs none; the two rows' tiles
+// are the same).
 bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* plan,
               const char* tile_config = nullptr, const ClusterCapacity* capacity = nullptr);
+
+// The cluster row MakePlan tries for (m, n) (forced or chosen by M), whose
+// kernel's ClusterCapacity the caller passes; -1 if that row has no cluster
+// split-K.
+int ClusterRowOf(int64_t m, int64_t n, bool wgmma, const char* tile_config = nullptr);
 
 }  // namespace marlin
 }  // namespace jax_mxfp4

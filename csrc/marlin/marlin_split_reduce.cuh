@@ -37,6 +37,19 @@ __device__ __forceinline__ int PartialSlot(const KernelParams& p, int cta, int c
   return 2 * cta + (col == cta_first_col ? 0 : 1);
 }
 
+// This CTA's fp32 partial tile of split column `col`, in the order the
+// reductions read it: chunk (warp_n * frags + i) * 32 + lane = fragment i.
+template <int kCfg>
+__device__ __forceinline__ void WritePartialTile(const KernelParams& p, int col, int warp_n, int lane,
+                                                 const float (&acc)[Geometry<kCfg>::kFrags][4]) {
+  using G = Geometry<kCfg>;
+  float4* const part = reinterpret_cast<float4*>(p.partials) +
+                       static_cast<int64_t>(PartialSlot(p, blockIdx.x, col)) * G::kPartialChunks;
+#pragma unroll
+  for (int i = 0; i < G::kFrags; ++i)
+    part[(warp_n * G::kFrags + i) * 32 + lane] = make_float4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]);
+}
+
 // Where element q (0..3) of accumulator fragment i of lane `lane` of the warp
 // in warp column warp_n lands in its column's tile_m x n_tile output tile:
 // the D layout of mma.m16n8k16 (m16: rows g, g + 8; n8: columns 2t, 2t + 1),
@@ -82,6 +95,40 @@ __device__ __forceinline__ void StoreSummedChunk(const KernelParams& p, int col,
     if (row < p.m && nf < p.n)
       c[static_cast<int64_t>(row) * p.n + nf] = ptx::FloatTo<T>(__fmul_rn(v[q], RowFactor(planes, p.n_pad, nf)));
   }
+}
+
+// Stores a whole column from the accumulators of a weights-A row (wgmma,
+// small8): C = F[n] * acc, rows >= m and features >= n skipped, each feature's
+// factor loaded once (a lane's fragments hold 2 features x tile_m tokens per
+// m16 half). The all-warps kernel (its warps_k == 0 warps) and the
+// warp-specialized one.
+template <int kCfg, typename T>
+__device__ __forceinline__ void StoreColumnWeightsA(const KernelParams& p, int col, int warp_n, int lane,
+                                                    const float (&acc)[Geometry<kCfg>::kFrags][4]) {
+  using G = Geometry<kCfg>;
+  static_assert(G::kWeightsA, "StoreColumnWeightsA: the weights are not this row's MMA A operand");
+  const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
+  const uint8_t* const planes = p.scales + static_cast<int64_t>(p.kb_count) * p.n_pad;
+  T* const c = static_cast<T*>(p.c);
+#pragma unroll
+  for (int u = 0; u < G::kUnitsWarp; ++u)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int frag0 = (2 * u + h) * (G::kTileM / 8);  // token tiles frag0 + i
+        const int nf = n_idx * G::kNTile + FragmentElement<kCfg>(warp_n, lane, frag0, 2 * r).feature;
+        if (nf >= p.n) continue;
+        const float f = RowFactor(planes, p.n_pad, nf);
+#pragma unroll
+        for (int i = 0; i < G::kTileM / 8; ++i)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int row = m_chunk * G::kTileM + FragmentElement<kCfg>(warp_n, lane, frag0 + i, 2 * r + e).row;
+            if (row < p.m)
+              c[static_cast<int64_t>(row) * p.n + nf] = ptx::FloatTo<T>(__fmul_rn(acc[frag0 + i][2 * r + e], f));
+          }
+      }
 }
 
 // Block (col, slice) = (blockIdx.x / kReduceSlices, blockIdx.x % kReduceSlices):

@@ -32,6 +32,14 @@ enum class SplitReduce {
              // workspace, no second kernel); otherwise stripes with kPass
 };
 
+// Who copies global -> shared.
+enum class Loader {
+  kAllWarps,           // every warp issues its share of each stage's cp.async, then computes
+  kProducerWarpgroup,  // (wgmma rows) a fifth warpgroup only copies (40 registers,
+                       // setmaxnreg), mbarriers per pipeline slot; the 8 MMA warps only
+                       // dequantize and issue wgmma (marlin_kernel_ws.cuh)
+};
+
 struct TileConfig {
   const char* name;
   int tile_m;    // tokens (rows of A / C) per column: 8, or a multiple of 16
@@ -44,6 +52,7 @@ struct TileConfig {
   int min_n;     //   and N >= min_n is used
   MmaPath path;
   SplitReduce reduce;  // see SplitReduce; the partial tile's size decides it
+  Loader loader;
 };
 
 // Why these numbers (NOTES.md has the arithmetic):
@@ -85,6 +94,14 @@ struct TileConfig {
 //    tensor-core cycles of the SM at 128 tokens, against ~60 instructions
 //    of dequantization per warp (4 words), which therefore hide under the
 //    asynchronous MMA.
+//  * wgmma128ws: wgmma128's tile run by the warp-specialized kernel
+//    (marlin_kernel_ws.cuh: a producer warpgroup issues every copy, the 8
+//    MMA warps only dequantize and issue wgmma; 8 stages of 25 KB, which
+//    only SM90's 227 KB hold). MakePlan gives it the plans where wgmma128's
+//    clusters do not fit (the stripes). Measured (H200 self-test, both rows
+//    forced, same binary, alternating): 1.01-1.03x at M = 512..2048 on the
+//    six benchmark shapes, 0.99-1.02x at M = 128; where wgmma128 has a
+//    cluster plan it stays ahead (0.89-0.96x).
 //  * reduce: the rows whose split-K partial tile is 64-128 KB (large, the
 //    wgmma rows) sum it in the reduction pass; one CTA summing 4-9 of them
 //    alone was the tail at M = 64..256 (self-test A/B: 0.97-1.18x H200,
@@ -96,17 +113,21 @@ struct TileConfig {
 //    on those plans); wgmma64 keeps the pass (with the cluster code its
 //    unchanged plans ran 0.91x: ptxas rescheduled its main loop).
 constexpr TileConfig kTileConfigs[] = {
-    // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path  reduce
-    {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny, SplitReduce::kLastCta},
-    {"smalln", 16, 256, 256, 8, 1, 3, 16, 16384, MmaPath::kAny, SplitReduce::kLastCta},
-    {"small", 16, 128, 256, 4, 2, 4, 16, 0, MmaPath::kAny, SplitReduce::kLastCta},
-    {"medium", 32, 128, 256, 4, 2, 4, 32, 0, MmaPath::kAny, SplitReduce::kLastCta},
-    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, 0, MmaPath::kMmaSync, SplitReduce::kPass},
-    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, 0, MmaPath::kWgmma, SplitReduce::kPass},  // M = 33..64 on SM90
-    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma, SplitReduce::kCluster},
+    // name    tile_m n_tile k_tile w_n w_k stages max_m min_n  path  reduce  loader
+    {"small8", 8, 128, 256, 4, 2, 4, 8, 0, MmaPath::kAny, SplitReduce::kLastCta, Loader::kAllWarps},
+    {"smalln", 16, 256, 256, 8, 1, 3, 16, 16384, MmaPath::kAny, SplitReduce::kLastCta, Loader::kAllWarps},
+    {"small", 16, 128, 256, 4, 2, 4, 16, 0, MmaPath::kAny, SplitReduce::kLastCta, Loader::kAllWarps},
+    {"medium", 32, 128, 256, 4, 2, 4, 32, 0, MmaPath::kAny, SplitReduce::kLastCta, Loader::kAllWarps},
+    {"large", 64, 256, 64, 4, 2, 5, INT_MAX, 0, MmaPath::kMmaSync, SplitReduce::kPass, Loader::kAllWarps},
+    {"wgmma64", 64, 256, 64, 8, 1, 8, 64, 0, MmaPath::kWgmma, SplitReduce::kPass,
+     Loader::kAllWarps},  // M = 33..64 on SM90
+    {"wgmma128", 128, 256, 64, 8, 1, 6, INT_MAX, 0, MmaPath::kWgmma, SplitReduce::kCluster, Loader::kAllWarps},
+    {"wgmma128ws", 128, 256, 64, 8, 1, 8, INT_MAX, 0, MmaPath::kWgmma, SplitReduce::kPass,
+     Loader::kProducerWarpgroup},
 };
 constexpr int kNumTileConfigs = sizeof(kTileConfigs) / sizeof(kTileConfigs[0]);
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // the MMA warps of a CTA (and every thread of kAllWarps rows)
+constexpr int kProducerThreads = 128;  // the copying warpgroup of Loader::kProducerWarpgroup rows
 // Largest cluster of SplitReduce::kCluster (8: the portable cluster size).
 constexpr int kMaxClusterSplit = 8;
 
@@ -122,6 +143,10 @@ struct Geometry {
   static constexpr int kStages = kTileConfigs[kCfg].stages;
   static constexpr bool kWgmma = kTileConfigs[kCfg].path == MmaPath::kWgmma;
   static constexpr int kTileM = kTileConfigs[kCfg].tile_m;  // rows of A / C per column
+  static constexpr bool kProducerWarpgroup = kTileConfigs[kCfg].loader == Loader::kProducerWarpgroup;
+  // Threads of a CTA, and those of them that issue the cp.async copies.
+  static constexpr int kBlockThreads = kThreads + (kProducerWarpgroup ? kProducerThreads : 0);
+  static constexpr int kLoadThreads = kProducerWarpgroup ? kProducerThreads : kThreads;
   // Which operand is the MMA's A (its m16 / m64 side). Activations (m16
   // blocks of tokens) for the mma.sync rows with tile_m >= 16; the
   // dequantized weights for wgmma and for a token tile of 8, which then
@@ -160,8 +185,10 @@ struct Geometry {
   // Stages - 1 tiles are in flight, less one more for wgmma, whose last group
   // of a stage may still read it while the next stage starts.
   static constexpr int kLag = kWgmma ? 1 : 0;
-  static constexpr int kSmemBytes =
-      16 * (kStages * kStageChunks + kRedChunks) + 16 + (kWgmma ? 1024 : 0);  // + flag (+ alignment)
+  // Loader::kProducerWarpgroup: a full and an empty mbarrier per slot, after the stages.
+  static constexpr int kBarrierBytes = kProducerWarpgroup ? 16 * kStages : 0;
+  static constexpr int kSmemBytes = 16 * (kStages * kStageChunks + kRedChunks) + 16 + kBarrierBytes +
+                                    (kWgmma ? 1024 : 0);  // + flag (+ barriers) (+ alignment)
 
   static constexpr bool kValid =
       kWarpsN * kWarpsK * 32 == kThreads && kNTile % (kUnitN * kWarpsN) == 0 &&
@@ -170,15 +197,20 @@ struct Geometry {
       (!kReducePass || kPartialChunks % (kThreads * kReduceChunks) == 0) &&
       (!kClusterSplit || (kWgmma && kPartialChunks % (kThreads * kMaxClusterSplit) == 0 &&
                           kPartialChunks <= kStages * kStageChunks)) &&
-      kThreads % kARowChunks == 0 &&           // fixed thread -> A column ...
-      (kThreads / kARowChunks) % 8 == 0 &&     // ... and fixed row % 8 across chunks
-      kAChunks % kThreads == 0 &&              // every thread copies whole A chunks
-      (kThreads / 32) % kUnitsTile == 0 &&     // fixed warp -> B unit
-      kBChunks % kThreads == 0 && kSChunks <= kThreads && kStages >= 2 + kLag &&
+      kLoadThreads % kARowChunks == 0 &&          // fixed thread -> A column ...
+      (kLoadThreads / kARowChunks) % 8 == 0 &&    // ... and fixed row % 8 across chunks
+      kAChunks % kLoadThreads == 0 &&             // every thread copies whole A chunks
+      // B: a fixed unit per copying warp (kAllWarps), or a fixed set of units
+      // (producer warpgroup: warp w copies units w, w + 4, ...)
+      (kProducerWarpgroup ? kUnitsTile % (kLoadThreads / 32) == 0 : (kLoadThreads / 32) % kUnitsTile == 0) &&
+      kBChunks % kLoadThreads == 0 && kSChunks <= kLoadThreads && kStages >= 2 + kLag &&
       (kWeightsA || kTileM % 16 == 0) &&
       // mma.sync with weights A: one n8 token tile, read by one ldmatrix.x4.
       (kWgmma || !kWeightsA || kTileM == 8) &&
-      kSmemBytes <= 160 * 1024 &&  // fits SM80 (163 KB opt-in) and SM90 (227 KB)
+      // SM80 has 163 KB of opt-in shared memory, SM90 (the only home of the wgmma rows) 227 KB.
+      kSmemBytes <= (kWgmma ? 227 : 160) * 1024 &&
+      // The producer warpgroup feeds the wgmma consumers, whose columns it never waits for.
+      (!kProducerWarpgroup || (kWgmma && !kClusterSplit && kReducePass)) &&
       // wgmma: one warp per unit, warpgroup = two m64 halves, A row = one
       // 128-byte swizzle row, m64 x kTileM x k16 with kTileM in {64, 128}.
       (!kWgmma || (kWarpsN == kThreads / 32 && kUnitsTile == kWarpsN && kWarpsK == 1 &&

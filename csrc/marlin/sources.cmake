@@ -5,7 +5,9 @@
 #   XLA_FFI_INCLUDE_DIR   from `python -c "import jax; print(jax.ffi.include_dir())"`
 #   JAX_MXFP4_CSRC_DIR    the repository's csrc/ directory
 # Provides:
-#   mxfp4_marlin          OBJECT library: the GEMM kernel (marlin_kernel.cuh) and
+#   mxfp4_marlin          OBJECT library: the GEMM kernels (marlin_kernel.cuh; the
+#                         warp-specialized wgmma one, marlin_kernel_ws.cuh; their
+#                         shared wgmma step, marlin_wgmma.cuh) and
 #                         its launch (marlin_gemm.cu; with marlin_split_reduce.cuh:
 #                         the split-K reduction pass and the cluster sum),
 #                         its planner and GPU-free host API (marlin_plan.cc),
