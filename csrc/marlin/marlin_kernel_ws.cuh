@@ -15,9 +15,13 @@
 //   * Per pipeline slot two mbarriers. full[slot]: each producer thread's
 //     copies into the slot arrive on it when they land (cp.async.mbarrier.
 //     arrive.noinc, so the producer never waits for data); empty[slot]: each
-//     consumer warp arrives once the wgmma groups that read the slot have
-//     retired. The producer runs up to `stages` tiles ahead, across column
+//     consumer thread arrives once its reads of the slot are done and its
+//     warp's wgmma groups that read the slot have retired. The producer runs up to `stages` tiles ahead, across column
 //     boundaries: a column's epilogue overlaps the next column's copies.
+//     Every consumer thread arrives on empty (mbarrier.arrive releases the
+//     arriving thread's own accesses: one arrival per warp would leave the
+//     other lanes' shared-memory reads unordered before the producer's
+//     next copies, as compute-sanitizer racecheck reported).
 //   * Slot of tile t: t % stages; the n-th completion of a barrier has parity
 //     n % 2. Consumers wait full[t % S] for parity (t / S) % 2; the producer
 //     refills slot t % S (t >= S) after empty[t % S] completed for tile
@@ -152,7 +156,7 @@ __global__ void __launch_bounds__(Geometry<kCfg>::kBlockThreads, 1)
   if (threadIdx.x == 0) {
     for (int s = 0; s < G::kStages; ++s) {
       ptx::MbarrierInit(full + s, kProducerThreads);
-      ptx::MbarrierInit(empty + s, kThreads / 32);
+      ptx::MbarrierInit(empty + s, kThreads);
     }
     ptx::FenceMbarrierInit();
   }
@@ -194,13 +198,11 @@ __global__ void __launch_bounds__(Geometry<kCfg>::kBlockThreads, 1)
       ptx::MbarrierWait(full + slot, (t / G::kStages) & 1);
       ptx::FenceProxyAsyncShared();  // the landed cp.async bytes -> wgmma's (async proxy) reads
       // At block 1 every group that read the previous tile's slot has
-      // retired: the warp releases it (a predicated arrive, not a branch:
-      // a divergent branch between the wgmma would make ptxas serialize them).
+      // retired: each thread releases it (its own LDS reads and its warp's
+      // retired wgmma; a predicated arrive, not a branch: a branch between
+      // the wgmma would make ptxas serialize them).
       WgmmaStage<kCfg, T>(pipe + slot * G::kStageChunks, warp, lane, g, acc, frag, [&](int kbl) {
-        if (kbl == 1) {
-          __syncwarp();
-          ptx::MbarrierArriveIf(empty + prev_slot, t > 0 && lane == 0);
-        }
+        if (kbl == 1) ptx::MbarrierArriveIf(empty + prev_slot, t > 0);
       });
       prev_slot = slot;
       slot = slot + 1 == G::kStages ? 0 : slot + 1;
