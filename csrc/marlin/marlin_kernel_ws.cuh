@@ -16,12 +16,12 @@
 //     copies into the slot arrive on it when they land (cp.async.mbarrier.
 //     arrive.noinc, so the producer never waits for data); empty[slot]: each
 //     consumer thread arrives once its reads of the slot are done and its
-//     warp's wgmma groups that read the slot have retired. The producer runs up to `stages` tiles ahead, across column
-//     boundaries: a column's epilogue overlaps the next column's copies.
-//     Every consumer thread arrives on empty (mbarrier.arrive releases the
-//     arriving thread's own accesses: one arrival per warp would leave the
-//     other lanes' shared-memory reads unordered before the producer's
-//     next copies, as compute-sanitizer racecheck reported).
+//     warp's wgmma groups that read the slot have retired (mbarrier.arrive
+//     releases the arriving thread's own accesses: one arrival per warp
+//     left the other lanes' reads unordered before the producer's next
+//     copies, as compute-sanitizer racecheck reported). The producer runs
+//     up to `stages` tiles ahead, across column boundaries: a column's
+//     epilogue overlaps the next column's copies.
 //   * Slot of tile t: t % stages; the n-th completion of a barrier has parity
 //     n % 2. Consumers wait full[t % S] for parity (t / S) % 2; the producer
 //     refills slot t % S (t >= S) after empty[t % S] completed for tile
