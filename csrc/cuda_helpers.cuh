@@ -291,7 +291,7 @@ __device__ __forceinline__ void FenceProxyAsyncShared() {
 // (sm_90a; same guard as wgmma). A pipeline slot's "full" barrier completes
 // when every producer thread's copies into it have landed (one asynchronous
 // arrival per thread: CpAsyncArriveNoinc); its "empty" barrier when every
-// consumer warp is done reading it.
+// consumer thread is done reading it.
 // #parallel-synchronization-and-communication-instructions-mbarrier
 __device__ __forceinline__ void MbarrierInit(uint64_t* bar, uint32_t arrivals) {
 #if defined(JAX_MXFP4_HAS_WGMMA)
@@ -304,15 +304,10 @@ __device__ __forceinline__ void FenceMbarrierInit() {
   asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
 #endif
 }
-// One arrival, with release semantics (the caller's earlier shared-memory
-// reads and writes happen before the phase completes).
-__device__ __forceinline__ void MbarrierArrive(uint64_t* bar) {
-#if defined(JAX_MXFP4_HAS_WGMMA)
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(SmemAddr(bar)) : "memory");
-#endif
-}
-// The same where `pred` holds, as a predicated instruction (no branch: a
-// divergent branch between wgmma instructions makes ptxas serialize them).
+// One arrival where `pred` holds, with release semantics (the arriving
+// thread's earlier shared-memory reads and writes happen before the phase
+// completes), as a predicated instruction: no branch, since a divergent
+// branch between wgmma instructions makes ptxas serialize them.
 __device__ __forceinline__ void MbarrierArriveIf(uint64_t* bar, bool pred) {
 #if defined(JAX_MXFP4_HAS_WGMMA)
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(

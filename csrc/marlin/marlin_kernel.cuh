@@ -158,11 +158,8 @@ __global__ void __launch_bounds__(kThreads, 1) MarlinMxfp4GemmKernel(const Kerne
   const uint8_t* s_src = p.scales;
   bool s_ok = false;              // it copies multipliers, of columns < n_pad
   auto start_column = [&](int col, int kt) {
-    const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
-    const int row = m_chunk * G::kTileM + a_row0;
-    const int kb0 = kt * G::kKbTile;
-    a_rows_left = p.m - row;
-    a_src = a + static_cast<int64_t>(row) * k_elems + 8 * a_ch + kb0 * kBlockK;
+    a_src = ActivationSource<kCfg, T>(p, col, kt, a_row0, a_ch, a_rows_left);
+    const int n_idx = col / p.m_chunks, kb0 = kt * G::kKbTile;
     const int unit = n_idx * G::kUnitsTile + b_unit;
     b_ok = unit < units;
     b_src = p.tiles + (b_kbl0 + kb0) * b_kb_stride + 32 * unit + lane;

@@ -81,11 +81,8 @@ __device__ __forceinline__ void ProduceStripe(const KernelParams& p, uint4* pipe
   const uint8_t* s_src = p.scales;
   bool s_ok = false;
   auto start_column = [&](int col, int kt) {
-    const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
-    const int row = m_chunk * G::kTileM + a_row0;
-    const int kb0 = kt * G::kKbTile;
-    a_rows_left = p.m - row;
-    a_src = a + static_cast<int64_t>(row) * k_elems + 8 * a_ch + kb0 * kBlockK;
+    a_src = ActivationSource<kCfg, T>(p, col, kt, a_row0, a_ch, a_rows_left);
+    const int n_idx = col / p.m_chunks, kb0 = kt * G::kKbTile;
     const int unit0 = n_idx * G::kUnitsTile + pw;
 #pragma unroll
     for (int j = 0; j < kUnitGroups; ++j) b_ok[j] = unit0 + kWarpsL * j < units;
