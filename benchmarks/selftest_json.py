@@ -27,7 +27,8 @@ METHOD = ("CUDA events around each launch (median of --reps), the split-K counte
 
 _ROW = re.compile(
     r"^(?P<dtype>bf16|f16)\s+(?P<n>\d+)\s+(?P<k>\d+)\s+(?P<m>\d+)\s+(?P<sms>\d+)\s+\|\s+(?P<res>PASS|FAIL)\s+"
-    r"(?P<rel_err>\S+)\s+\S+\s+\|\s+(?P<us>[\d.]+)\s+(?P<gbps>[\d.]+)\s+[\d.]+%\s+\S+\s+\S+\s+\|\s+(?P<plan>.*)$"
+    r"(?P<rel_err>\S+)\s+\S+\s+\|\s+(?P<us>[\d.]+)\s+(?P<gbps>[\d.]+)\s+[\d.]+%\s+\S+\s+(?P<cublas>\S+)\s+\|\s+"
+    r"(?P<plan>.*)$"
 )
 _DEVICE = re.compile(r"^device: (?P<name>.+?) \(sm_(?P<sm>\d+), (?P<sms>\d+) SMs")
 _COPY = re.compile(r"^device copy bandwidth \(read\+write\): (?P<gbps>\d+) GB/s")
@@ -53,6 +54,8 @@ def parse_log(path: str) -> dict:
                     "time_us": float(m["us"]), "weight_gbps": float(m["gbps"]),
                     "config": plan.split()[0], "plan": plan,
                 })
+                if float(m["cublas"]) > 0:  # built with -DMARLIN_SELFTEST_CUBLAS: cuBLAS timed beside it
+                    rows[-1]["cublas_us"] = float(m["cublas"])
     if not rows:
         raise ValueError(f"{path}: no timing rows (was the self-test run with timing?)")
     return {"log": os.path.basename(path), "command": command, "device": device, "copy_gbps": copy_gbps,
