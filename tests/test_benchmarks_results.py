@@ -1,4 +1,4 @@
-"""Benchmark harness: statistics, ncu parsing, results JSON (schema, IO, merge), tables, plots, README report."""
+"""Benchmark harness: statistics, ncu parsing, results JSON (schema, IO, merge), tables, plots, README report, self-test logs."""
 
 from __future__ import annotations
 
@@ -225,3 +225,45 @@ def test_report_import(tmp_path, monkeypatch):
     assert any(t["name"] == "M <= 16: >= 3.3x bf16" and t["status"] == "PASS" for t in merged["targets"])
     # The plot is drawn again from the merged cases, not the placeholder copied from the first run.
     assert (dst / "gemm-nvidia-h100-80gb-hbm3.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------
+# benchmarks/selftest_json.py: the standalone self-test's logs -> results JSON.
+
+_SELFTEST_LOG = """=== t_1: marlin_selftest --dtype bf16 --shape 28672x8192 --m 1024 --config wgmma128ws
+device: NVIDIA H200 (sm_90, 132 SMs, L2 60 MB); planning for 132 SMs, wgmma above M = 32
+device copy bandwidth (read+write): 4184 GB/s
+
+dtype      N      K     M  sms | res    rel_err    bound |   time_us     GB/s  %copy TFLOP/s cublas_us | plan
+bf16   28672   8192  1024  132 | PASS  1.66e-03  3.9e-03 |    731.58      144   3.4%   657.6    562.90 | wgmma128ws m128xn256xk64 grid=128 iters=896 cols=896 k_tiles=128 split=no ws=0
+bf16    8192   8192     1  132 | FAIL  2.00e+00  3.9e-03 |     20.61     1720  41.1%     6.5      0.00 | small8 m8xn128xk256 grid=128 iters=16 cols=64 k_tiles=32 split=last-cta ws=1081344
+"""
+
+
+def test_selftest_json_parses_rows_with_and_without_cublas(tmp_path):
+    from benchmarks import selftest_json
+
+    log = tmp_path / "t_1.log"
+    log.write_text(_SELFTEST_LOG)
+    run = selftest_json.parse_log(str(log))
+    assert run["command"] == "marlin_selftest --dtype bf16 --shape 28672x8192 --m 1024 --config wgmma128ws"
+    assert run["device"] == {"name": "NVIDIA H200", "sm": 90, "sm_count": 132}
+    assert run["copy_gbps"] == 4184
+    first, second = run["rows"]
+    assert (first["N"], first["K"], first["M"], first["time_us"], first["config"]) == (28672, 8192, 1024, 731.58,
+                                                                                        "wgmma128ws")
+    assert first["pass"] and first["cublas_us"] == 562.90  # built with -DMARLIN_SELFTEST_CUBLAS
+    assert not second["pass"] and "cublas_us" not in second  # cuBLAS not timed: no field
+    out = tmp_path / "out.json"
+    assert selftest_json.main([str(log), "--out", str(out), "--commit", "abc", "--note", "n"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["git"] == {"commit": "abc"} and doc["notes"] == ["n"] and len(doc["runs"][0]["rows"]) == 2
+
+
+def test_selftest_json_refuses_a_log_without_timing_rows(tmp_path):
+    from benchmarks import selftest_json
+
+    log = tmp_path / "quick.log"
+    log.write_text("PASS: 64 / 64 cases passed\n")
+    with pytest.raises(ValueError, match="no timing rows"):
+        selftest_json.parse_log(str(log))
