@@ -99,9 +99,9 @@ struct TileConfig {
 //    MMA warps only dequantize and issue wgmma; 8 stages of 25 KB, which
 //    only SM90's 227 KB hold). MakePlan gives it the plans where wgmma128's
 //    clusters do not fit (the stripes). Measured (H200 self-test, both rows
-//    forced, same binary, alternating): 1.01-1.03x at M = 512..2048 on the
-//    six benchmark shapes, 0.99-1.02x at M = 128; where wgmma128 has a
-//    cluster plan it stays ahead (0.89-0.96x).
+//    forced, same binary, alternating; NOTES.md section 8): 1.003-1.047x on
+//    every stripe plan of the six benchmark shapes at M = 128..1024; where
+//    wgmma128 has a cluster plan it stays ahead on five of six (0.88-0.985x).
 //  * reduce: the rows whose split-K partial tile is 64-128 KB (large, the
 //    wgmma rows) sum it in the reduction pass; one CTA summing 4-9 of them
 //    alone was the tail at M = 64..256 (self-test A/B: 0.97-1.18x H200,
