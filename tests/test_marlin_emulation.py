@@ -249,16 +249,20 @@ _PLAN_PROBE = r"""
 #include <cstdio>
 #include <cstdlib>
 #include "marlin/marlin_gemm.h"
+#include "marlin/marlin_plan.h"
 int main(int argc, char** argv) {
+  namespace mm = jax_mxfp4::marlin;
   for (int i = 1; i + 4 < argc; i += 5) {
     const long m = atol(argv[i]), n = atol(argv[i + 1]), k = atol(argv[i + 2]);
     const int sms = atoi(argv[i + 3]);
     const bool wgmma = atoi(argv[i + 4]) != 0;
-    jax_mxfp4::marlin::ClusterCapacity cap;  // CAPACITY below
+    mm::ClusterCapacity cap;  // CAPACITY below
     cap.clusters[1] = 66, cap.clusters[2] = 30, cap.clusters[3] = 15;
-    std::printf("%s|%lld|%s\n", jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
-                (long long)jax_mxfp4::marlin::MarlinWorkspaceBytes(m, n, k, sms, wgmma),
-                jax_mxfp4::marlin::MarlinDescribePlan(m, n, k, sms, wgmma, nullptr, &cap).c_str());
+    // by M: trace time, workspace, with the capacity; the cluster row tried; wgmma128 forced
+    std::printf("%s|%lld|%s|%d|%s\n", mm::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
+                (long long)mm::MarlinWorkspaceBytes(m, n, k, sms, wgmma),
+                mm::MarlinDescribePlan(m, n, k, sms, wgmma, nullptr, &cap).c_str(), mm::ClusterRowOf(m, n, wgmma),
+                mm::MarlinDescribePlan(m, n, k, sms, wgmma, "wgmma128", &cap).c_str());
   }
   return 0;
 }
@@ -297,7 +301,16 @@ def test_python_plan_equals_cpp_plan(tmp_path):
     lines = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()
     clusters = 0
     for (m, n, k, sms, wgmma), line in zip(PLAN_SHAPES, lines, strict=True):
-        desc, ws, desc_cap = line.split("|")
+        desc, ws, desc_cap, cluster_row, desc_forced = line.split("|")
+        by_m = make_plan(m, n, k, sms, wgmma=bool(wgmma))["cfg"]
+        # the row whose clusters MarlinGemm queries: wgmma128 wherever M chooses it (M > 64 on SM90)
+        assert int(cluster_row) == (cfg_index("wgmma128") if wgmma and m > 64 else -1)
+        if wgmma:  # a forced cluster row keeps its own stripes where no cluster fits
+            assert desc_forced == _describe(make_plan(m, n, k, sms, cfg_index=cfg_index("wgmma128"), wgmma=True,
+                                                      capacity=CAPACITY))
+        else:
+            assert desc_forced == "unsupported"
+        assert by_m != cfg_index("wgmma128")  # without a capacity, never the cluster row
         p = make_plan(m, n, k, sms, wgmma=bool(wgmma))
         assert desc == _describe(p)
         assert int(ws) == p["ws"]
