@@ -29,7 +29,9 @@ enum class SplitReduce {
              // fill >= 2/3 of the SMs (MakePlan): each column's k tiles are
              // cut evenly over a thread-block cluster of 2-8 CTAs, which sum
              // their partial tiles through distributed shared memory (no
-             // workspace, no second kernel); otherwise stripes with kPass
+             // workspace, no second kernel); otherwise MakePlan takes the
+             // next row for this M and N (wgmma128 -> wgmma128ws), or, for a
+             // forced row, this row's stripes with kPass
 };
 
 // Who copies global -> shared.
