@@ -258,11 +258,14 @@ int main(int argc, char** argv) {
     const bool wgmma = atoi(argv[i + 4]) != 0;
     mm::ClusterCapacity cap;  // CAPACITY below
     cap.clusters[1] = 66, cap.clusters[2] = 30, cap.clusters[3] = 15;
-    // by M: trace time, workspace, with the capacity; the cluster row tried; wgmma128 forced
-    std::printf("%s|%lld|%s|%d|%s\n", mm::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
+    const mm::ClusterCapacity none;  // what MarlinGemm passes where no cluster row applies
+    // by M: trace time, workspace, with the capacity; the cluster row tried; wgmma128 forced;
+    // with an all-zero capacity
+    std::printf("%s|%lld|%s|%d|%s|%s\n", mm::MarlinDescribePlan(m, n, k, sms, wgmma).c_str(),
                 (long long)mm::MarlinWorkspaceBytes(m, n, k, sms, wgmma),
                 mm::MarlinDescribePlan(m, n, k, sms, wgmma, nullptr, &cap).c_str(), mm::ClusterRowOf(m, n, wgmma),
-                mm::MarlinDescribePlan(m, n, k, sms, wgmma, "wgmma128", &cap).c_str());
+                mm::MarlinDescribePlan(m, n, k, sms, wgmma, "wgmma128", &cap).c_str(),
+                mm::MarlinDescribePlan(m, n, k, sms, wgmma, nullptr, &none).c_str());
   }
   return 0;
 }
@@ -301,7 +304,8 @@ def test_python_plan_equals_cpp_plan(tmp_path):
     lines = subprocess.run([str(exe), *args], check=True, capture_output=True, text=True).stdout.splitlines()
     clusters = 0
     for (m, n, k, sms, wgmma), line in zip(PLAN_SHAPES, lines, strict=True):
-        desc, ws, desc_cap, cluster_row, desc_forced = line.split("|")
+        desc, ws, desc_cap, cluster_row, desc_forced, desc_zero = line.split("|")
+        assert desc_zero == desc  # an all-zero capacity plans as no capacity does
         by_m = make_plan(m, n, k, sms, wgmma=bool(wgmma))["cfg"]
         # the row whose clusters MarlinGemm queries: wgmma128 wherever M chooses it (M > 64 on SM90)
         assert int(cluster_row) == (cfg_index("wgmma128") if wgmma and m > 64 else -1)

@@ -191,17 +191,14 @@ std::string MarlinGemm(const MarlinGemmArgs& args, cudaStream_t stream) {
       return "jax_mxfp4 marlin: use_wgmma needs a compute capability 9.0 device (sm_90a code), this is " +
              std::to_string(major) + "." + std::to_string(minor);
   }
+  // What the device fits of the cluster row tried for these sizes (all zero:
+  // no cluster plan, the same plan as without a capacity).
+  const ClusterCapacity capacity =
+      MarlinClusterCapacity(device, args.m, args.n, args.k, args.use_wgmma, args.tile_config);
   Plan plan;
-  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config))
+  if (!MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config, &capacity))
     return "jax_mxfp4 marlin: cannot plan M=" + std::to_string(args.m) +
            (args.tile_config ? std::string(" with tile config ") + args.tile_config : std::string());
-  const int cluster_row = ClusterRowOf(args.m, args.n, args.use_wgmma, args.tile_config);
-  if (args.use_wgmma && cluster_row >= 0 && device < kMaxDevices) {
-    // A row that can split columns over clusters: plan again with what the device fits.
-    const ClusterCapacity capacity = CachedClusterCapacity(device, cluster_row);
-    MakePlan(args.m, args.n, args.k, args.sm_count, args.use_wgmma, &plan, args.tile_config,
-             &capacity);  // (succeeds: the same arguments planned above)
-  }
   const int64_t need = plan.counter_bytes + plan.partial_bytes;
   if (args.workspace_bytes < need || (need > 0 && args.workspace == nullptr))
     return "jax_mxfp4 marlin: workspace has " + std::to_string(args.workspace_bytes) +

@@ -65,10 +65,13 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   // clusters fit; the others go to the next row for this M and N (its
   // stripe form: wgmma128 -> wgmma128ws, the warp-specialized kernel). A
   // forced row keeps its own stripes and the reduction pass instead.
-  if (!tile_config && kTileConfigs[p.cfg].reduce == SplitReduce::kCluster &&
-      ClusterSplit(m, n, k, sm_count, p.cfg, capacity) <= 1) {
+  int cluster = ClusterSplit(m, n, k, sm_count, p.cfg, capacity);
+  if (!tile_config && kTileConfigs[p.cfg].reduce == SplitReduce::kCluster && cluster <= 1) {
     const int next = SelectConfig(m, n, wgmma, p.cfg + 1);
-    if (next >= 0) p.cfg = next;
+    if (next >= 0) {
+      p.cfg = next;
+      cluster = ClusterSplit(m, n, k, sm_count, p.cfg, capacity);
+    }
   }
   const TileConfig& c = kTileConfigs[p.cfg];
   const int64_t m_chunks = CeilDiv(m, c.tile_m);
@@ -83,7 +86,6 @@ bool MakePlan(int64_t m, int64_t n, int64_t k, int sm_count, bool wgmma, Plan* p
   p.n_cols = static_cast<int>(n_cols);
   p.total = total;
   // Cluster split-K (see the declaration): the largest cluster that fits.
-  const int cluster = ClusterSplit(m, n, k, sm_count, p.cfg, capacity);
   if (cluster > 1) {
     p.cluster = cluster;
     p.grid = static_cast<int>(n_cols * cluster);
