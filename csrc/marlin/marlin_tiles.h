@@ -37,7 +37,7 @@ enum class SplitReduce {
 // Who copies global -> shared.
 enum class Loader {
   kAllWarps,           // every warp issues its share of each stage's cp.async, then computes
-  kProducerWarpgroup,  // (wgmma rows) a fifth warpgroup only copies (40 registers,
+  kProducerWarpgroup,  // (wgmma rows) a third warpgroup only copies (40 registers,
                        // setmaxnreg), mbarriers per pipeline slot; the 8 MMA warps only
                        // dequantize and issue wgmma (marlin_kernel_ws.cuh)
 };
