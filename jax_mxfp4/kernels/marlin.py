@@ -63,15 +63,27 @@ DENSE_FROM_TOKENS: int | None = 512
 #:   8192x8192, 8192x28672): 512 132.1 vs 143.3, 108.8 vs 130.6, 138.4 vs 147.6,
 #:   415.5 vs 500.5 (the kernel 1.07-1.20x); 768 185.5 vs 170.1, 170.3 vs 166.8,
 #:   198.7 vs 189.1, 650.1 vs 649.6 (dense 1.00-1.09x).
+#: * H100 again at commit 871b682 (the warp-specialized wgmma128ws kernel on
+#:   the stripe plans; two runs of the six shapes at M = 256 ... 1024, the
+#:   first and second number of each pair, and one of 8192x28672 at M = 1024
+#:   ... 2048): the rows above hold for N x K < 2^27 (768: 4096x14336 179.5 /
+#:   179.7 vs 169.3 / 169.8, 8192x8192 190.9 / 191.1 vs 193.8 / 194.3,
+#:   14336x4096 164.8 / 164.8 vs 165.4 / 164.8), but 8192x28672 now keeps the
+#:   kernel past 768: 768 625.9 / 620.9 vs 645.8 / 645.2, 1024 756.2 / 756.2 vs
+#:   772.0 / 773.4 (and 751.0 vs 769.9 in the third run), 1280 964.9 vs 932.6,
+#:   1536 1170.4 vs 1058.6, 2048 1504.6 vs 1338.7. The bound 1152 is
+#:   interpolated between 1024 (kernel 2.5% faster) and 1280 (dense 3.5%).
 #: * H200, N x K < 2^25: 384 39.9 vs 40.6, 40.6 vs 31.2; 512 40.2 vs 35.6,
 #:   49.1 vs 35.0. 2^25 <= N x K < 2^27: 384 103.7 vs 99.1, 105.2 vs 102.0, 104.4
 #:   vs 113.0; 512 128.7 vs 121.7, 108.5 vs 115.4, 134.2 vs 129.8 (dense wins two
 #:   of three). 8192x28672 (>= 2^27): 512 412.1 vs 438.4, 768 648.7 vs 590.2.
 #:
 #: The thresholds between the measured sizes (2^25 between 16.8M and 58.7M
-#: weights, 2^27 between 67M and 235M) are a choice, not a measurement.
+#: weights, 2^27 between 67M and 235M) are a choice, not a measurement. The
+#: H200 rows predate wgmma128ws (1-5% faster on the stripe plans) and were not
+#: measured again since.
 DENSE_CROSSOVER: dict[str, tuple[tuple[int, int], ...]] = {
-    "NVIDIA H100 80GB HBM3": ((0, 384), (1 << 25, 768)),
+    "NVIDIA H100 80GB HBM3": ((0, 384), (1 << 25, 768), (1 << 27, 1152)),
     "NVIDIA H200": ((0, 384), (1 << 25, 512), (1 << 27, 768)),
 }
 
