@@ -48,9 +48,6 @@ cudaLaunchConfig_t ClusterLaunchConfig(int grid, int threads, int smem, cudaStre
   return config;
 }
 
-// The GEMM kernel, then, if the plan splits K and the row sums split columns
-// in the reduction pass, that pass over the plan's columns (a plan with a
-// split has n_cols < 4 x #SMs: see MakePlan).
 // The GEMM kernel of row kCfg: the all-warps kernel or the warp-specialized one.
 template <int kCfg, typename T>
 constexpr auto GemmKernelOf() {
@@ -58,6 +55,9 @@ constexpr auto GemmKernelOf() {
   else return &MarlinMxfp4GemmKernel<kCfg, T>;
 }
 
+// The GEMM kernel, then, if the plan splits K and the row sums split columns
+// in the reduction pass, that pass over the plan's columns (a plan with a
+// split has n_cols < 4 x #SMs: see MakePlan).
 template <int kCfg, typename T>
 std::string LaunchConfig(const KernelParams& params, const Plan& plan, cudaStream_t stream) {
   constexpr int kSmem = Geometry<kCfg>::kSmemBytes;

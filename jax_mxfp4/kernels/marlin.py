@@ -66,9 +66,10 @@ DENSE_FROM_TOKENS: int | None = 512
 #: * H100 again at commit 871b682 (the warp-specialized wgmma128ws kernel on
 #:   the stripe plans; two runs of the six shapes at M = 256 ... 1024, the
 #:   first and second number of each pair, and one of 8192x28672 at M = 1024
-#:   ... 2048): the rows above hold for N x K < 2^27 (768: 4096x14336 179.5 /
-#:   179.7 vs 169.3 / 169.8, 8192x8192 190.9 / 191.1 vs 193.8 / 194.3,
-#:   14336x4096 164.8 / 164.8 vs 165.4 / 164.8), but 8192x28672 now keeps the
+#:   ... 2048): the rows above are kept for N x K < 2^27 (768: 4096x14336 179.5 /
+#:   179.7 vs 169.3 / 169.8, dense 1.06x; 8192x8192 190.9 / 191.1 vs 193.8 /
+#:   194.3 and 14336x4096 164.8 / 164.8 vs 165.4 / 164.8, within 1.5% either
+#:   way), but 8192x28672 now keeps the
 #:   kernel past 768: 768 625.9 / 620.9 vs 645.8 / 645.2, 1024 756.2 / 756.2 vs
 #:   772.0 / 773.4 (and 751.0 vs 769.9 in the third run), 1280 964.9 vs 932.6,
 #:   1536 1170.4 vs 1058.6, 2048 1504.6 vs 1338.7. The bound 1152 is
