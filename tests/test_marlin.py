@@ -125,7 +125,7 @@ def test_dense_crossover_per_device_and_layer_size():
     small, mid, edge, big = (LinearConfig(4096, 4096), LinearConfig(4096, 14336),
                              LinearConfig(8192, 8192), LinearConfig(8192, 28672))
     assert [marlin.dense_from_tokens(c, h100) for c in (small, mid, edge, big)] == [384, 768, 768, 1152]
-    assert [marlin.dense_from_tokens(c, h200) for c in (small, mid, edge, big)] == [384, 512, 512, 768]
+    assert [marlin.dense_from_tokens(c, h200) for c in (small, mid, edge, big)] == [384, 513, 513, 513]
     # exactly at a row's bound: that row
     assert marlin.dense_from_tokens(LinearConfig(4096, 8192), h100) == 768  # 2^25 weights
     assert marlin.dense_from_tokens(LinearConfig(4096, 8160), h100) == 384

@@ -55,7 +55,8 @@ DENSE_FROM_TOKENS: int | None = 512
 #: one run per device at M = 256, 384, 512, 768, 1024: bench rows "marlin" (the
 #: dispatch) against "marlin_kernel" / "marlin_dense" (the other side) in
 #: benchmarks/results/gemm-nvidia-h100-80gb-hbm3.json (run of commit 29f1ffb,
-#: this table) and gemm-nvidia-h200.json (run of 2c729a5, before it); device
+#: this table's first H100 data) and gemm-nvidia-h200.json (runs of c5e6e42;
+#: the H200's earlier data is in results/superseded/); device
 #: times in us (memsets counted), kernel vs dense:
 #:
 #: * H100, N x K < 2^25 (4096x4096, 2880x5760): 384 40.2 vs 40.4, 41.7 vs 35.4;
@@ -74,18 +75,28 @@ DENSE_FROM_TOKENS: int | None = 512
 #:   772.0 / 773.4 (and 751.0 vs 769.9 in the third run), 1280 964.9 vs 932.6,
 #:   1536 1170.4 vs 1058.6, 2048 1504.6 vs 1338.7. The bound 1152 is
 #:   interpolated between 1024 (kernel 2.5% faster) and 1280 (dense 3.5%).
-#: * H200, N x K < 2^25: 384 39.9 vs 40.6, 40.6 vs 31.2; 512 40.2 vs 35.6,
-#:   49.1 vs 35.0. 2^25 <= N x K < 2^27: 384 103.7 vs 99.1, 105.2 vs 102.0, 104.4
-#:   vs 113.0; 512 128.7 vs 121.7, 108.5 vs 115.4, 134.2 vs 129.8 (dense wins two
-#:   of three). 8192x28672 (>= 2^27): 512 412.1 vs 438.4, 768 648.7 vs 590.2.
+#: * H200 at commit c5e6e42 (wgmma128ws; the six shapes at M = 256 ... 2048
+#:   and the four larger ones at 576, 640, 704, two calls on one machine).
+#:   N x K < 2^25 (2880x5760, 4096x4096): 256 32.8 vs 31.8, 25.6 vs 30.2; 384
+#:   39.5 vs 31.6, 39.8 vs 36.7: dense from 384, as before. N x K >= 2^25
+#:   (4096x14336, 14336x4096, 8192x8192, 8192x28672): 384 100.4 vs 98.5, 105.7
+#:   vs 103.2, 101.5 vs 112.9, 306.1 vs 377.7; 512 124.9 vs 123.2, 107.8 vs
+#:   114.8, 129.5 vs 129.6, 396.3 vs 434.2 (the kernel faster on three of four,
+#:   up to 1.10x; dense 1.4% on 4096x14336); 576 148.0 vs 136.0, 135.9 vs
+#:   131.8, 161.3 vs 139.7, 516.9 vs 499.9 (dense 1.03-1.15x, and at every M
+#:   measured above: 640, 704, 768, 1024 ...). So 513: the kernel's time steps
+#:   with each 128-row tile (M = 513 ... 640 is five tiles: 8192x28672 516.9 /
+#:   522.3 us at 576 / 640 against 396.3 at 512), the dense path's grows with
+#:   M and is below the step at 576 already. Before (run of 2c729a5, the
+#:   first wgmma kernel) the rows for >= 2^25 were 512 below 2^27 (dense won
+#:   two of three at 512) and 768 above (8192x28672: 512 412.1 vs 438.4, 768
+#:   648.7 vs 590.2, nothing between).
 #:
 #: The thresholds between the measured sizes (2^25 between 16.8M and 58.7M
-#: weights, 2^27 between 67M and 235M) are a choice, not a measurement. The
-#: H200 rows predate wgmma128ws (1-5% faster on the stripe plans) and were not
-#: measured again since.
+#: weights, 2^27 between 67M and 235M) are a choice, not a measurement.
 DENSE_CROSSOVER: dict[str, tuple[tuple[int, int], ...]] = {
     "NVIDIA H100 80GB HBM3": ((0, 384), (1 << 25, 768), (1 << 27, 1152)),
-    "NVIDIA H200": ((0, 384), (1 << 25, 512), (1 << 27, 768)),
+    "NVIDIA H200": ((0, 384), (1 << 25, 513)),
 }
 
 #: The same crossover where the kernel runs its mma.sync configurations only
