@@ -75,22 +75,26 @@ DENSE_FROM_TOKENS: int | None = 512
 #:   772.0 / 773.4 (and 751.0 vs 769.9 in the third run), 1280 964.9 vs 932.6,
 #:   1536 1170.4 vs 1058.6, 2048 1504.6 vs 1338.7. The bound 1152 is
 #:   interpolated between 1024 (kernel 2.5% faster) and 1280 (dense 3.5%).
-#: * H200 at commit c5e6e42 (wgmma128ws; the six shapes at M = 256 ... 2048
-#:   and the four larger ones at 576, 640, 704, two calls on one machine).
-#:   N x K < 2^25 (2880x5760, 4096x4096): 256 32.8 vs 31.8, 25.6 vs 30.2; 384
-#:   39.5 vs 31.6, 39.8 vs 36.7: dense from 384, as before. N x K >= 2^25
-#:   (4096x14336, 14336x4096, 8192x8192, 8192x28672): 384 100.4 vs 98.5, 105.7
-#:   vs 103.2, 101.5 vs 112.9, 306.1 vs 377.7; 512 124.9 vs 123.2, 107.8 vs
-#:   114.8, 129.5 vs 129.6, 396.3 vs 434.2 (the kernel faster on three of four,
-#:   up to 1.10x; dense 1.4% on 4096x14336); 576 148.0 vs 136.0, 135.9 vs
-#:   131.8, 161.3 vs 139.7, 516.9 vs 499.9 (dense 1.03-1.15x, and at every M
-#:   measured above: 640, 704, 768, 1024 ...). So 513: the kernel's time steps
-#:   with each 128-row tile (M = 513 ... 640 is five tiles: 8192x28672 516.9 /
-#:   522.3 us at 576 / 640 against 396.3 at 512), the dense path's grows with
-#:   M and is below the step at 576 already. Before (run of 2c729a5, the
-#:   first wgmma kernel) the rows for >= 2^25 were 512 below 2^27 (dense won
-#:   two of three at 512) and 768 above (8192x28672: 512 412.1 vs 438.4, 768
-#:   648.7 vs 590.2, nothing between).
+#: * H200 at commit c5e6e42 (wgmma128ws; the six shapes at M = 256 ... 8192
+#:   and the four larger ones at 576, 640, 704, on one machine; whole in
+#:   results/superseded/gemm-nvidia-h200-crossover-runs-c5e6e42.json) and
+#:   3e5fbd1 (this table; M = 512 and 8192x28672 at 576 ... 704 re-timed on
+#:   the same machine). N x K < 2^25 (2880x5760, 4096x4096): 256 32.8 vs
+#:   31.8, 25.6 vs 30.2; 384 39.5 vs 31.6, 39.8 vs 36.7: dense from 384, as
+#:   before. N x K >= 2^25 (4096x14336, 14336x4096, 8192x8192, 8192x28672):
+#:   384 100.4 vs 98.5, 105.7 vs 103.2, 101.5 vs 112.9, 306.1 vs 377.7; 512
+#:   124.9 / 124.5 vs 123.2 / 127.6, 107.8 / 108.0 vs 114.8 / 115.1, 129.5 /
+#:   129.0 vs 129.6 / 129.0, 396.3 / 390.4 vs 434.2 / 427.8 (c5e6e42 /
+#:   3e5fbd1: the kernel up to 1.10x, the dense path at most 1.4%); 576 148.0
+#:   vs 136.0, 135.9 vs 131.8, 161.3 vs 139.7, 516.9 / 514.6 vs 499.9 / 496.9
+#:   (dense 1.03-1.15x, and at every M measured above: 640, 704, 768, 1024
+#:   ...). So 513: the kernel's time steps with each 128-row tile (M = 513
+#:   ... 640 is five tiles: 8192x28672 514.6 / 520.4 us at 576 / 640 against
+#:   390.4 at 512), the dense path's grows with M and is below the step at
+#:   576 already. Before (run of 2c729a5, the first wgmma kernel) the rows
+#:   for >= 2^25 were 512 below 2^27 (dense won two of three at 512) and 768
+#:   above (8192x28672: 512 412.1 vs 438.4, 768 648.7 vs 590.2, nothing
+#:   between).
 #:
 #: The thresholds between the measured sizes (2^25 between 16.8M and 58.7M
 #: weights, 2^27 between 67M and 235M) are a choice, not a measurement.
