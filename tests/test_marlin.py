@@ -124,7 +124,7 @@ def test_dense_crossover_per_device_and_layer_size():
                   for kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"))
     small, mid, edge, big = (LinearConfig(4096, 4096), LinearConfig(4096, 14336),
                              LinearConfig(8192, 8192), LinearConfig(8192, 28672))
-    assert [marlin.dense_from_tokens(c, h100) for c in (small, mid, edge, big)] == [384, 768, 768, 1152]
+    assert [marlin.dense_from_tokens(c, h100) for c in (small, mid, edge, big)] == [384, 768, 768, 1025]
     assert [marlin.dense_from_tokens(c, h200) for c in (small, mid, edge, big)] == [384, 513, 513, 513]
     # exactly at a row's bound: that row
     assert marlin.dense_from_tokens(LinearConfig(4096, 8192), h100) == 768  # 2^25 weights
@@ -148,12 +148,12 @@ def test_selection_report_says_which_path_runs():
     h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
     big = LinearConfig(8192, 28672, tokens=512)
     assert kernel.describe_path(big, h100) == (
-        "the Marlin kernel: M = 512 < 1152, the crossover for 28672 x 8192 weights on NVIDIA H100 80GB HBM3 "
+        "the Marlin kernel: M = 512 < 1025, the crossover for 28672 x 8192 weights on NVIDIA H100 80GB HBM3 "
         "(DENSE_CROSSOVER)")
-    assert kernel.describe_path(LinearConfig(8192, 28672, tokens=1152), h100).startswith(
-        "dequantize + cuBLAS: M = 1152 >= 1152")
+    assert kernel.describe_path(LinearConfig(8192, 28672, tokens=1025), h100).startswith(
+        "dequantize + cuBLAS: M = 1025 >= 1025")
     assert kernel.describe_path(LinearConfig(8192, 28672), h100).startswith(
-        "the Marlin kernel below M = 1152, dequantize + cuBLAS from it")
+        "the Marlin kernel below M = 1025, dequantize + cuBLAS from it")
     assert "M = 512 >= 384" in kernel.describe_path(LinearConfig(4096, 4096, tokens=512), h100)
     # A device without a row: its instruction path's crossover, no table named.
     other = types.SimpleNamespace(device_kind="cpu", platform="cpu")

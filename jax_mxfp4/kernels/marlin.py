@@ -73,8 +73,17 @@ DENSE_FROM_TOKENS: int | None = 512
 #:   way), but 8192x28672 now keeps the
 #:   kernel past 768: 768 625.9 / 620.9 vs 645.8 / 645.2, 1024 756.2 / 756.2 vs
 #:   772.0 / 773.4 (and 751.0 vs 769.9 in the third run), 1280 964.9 vs 932.6,
-#:   1536 1170.4 vs 1058.6, 2048 1504.6 vs 1338.7. The bound 1152 is
-#:   interpolated between 1024 (kernel 2.5% faster) and 1280 (dense 3.5%).
+#:   1536 1170.4 vs 1058.6, 2048 1504.6 vs 1338.7. First set to 1152 by
+#:   interpolation; at commit 48ad645 (one run, between the grid points;
+#:   results/superseded/gemm-nvidia-h100-80gb-hbm3-crossover-runs-48ad645.json)
+#:   8192x28672 at 1088 859.1 vs 836.7 and at 1152 861.7 vs 840.6 (dense
+#:   1.03x): M = 1025 ... 1152 is the kernel's ninth 128-row tile, so 1025.
+#:   The same run between 512 and 768 on the layers of 2^25 ... 2^27: 576
+#:   149.5 vs 149.5, 141.3 vs 145.5, 165.8 vs 155.8; 640 150.4 vs 156.2, 142.5
+#:   vs 146.8, 168.2 vs 168.5; 704 178.3 vs 179.0, 163.2 vs 162.5, 191.0 vs
+#:   186.9 (4096x14336, 14336x4096, 8192x8192: within 6% either way, the
+#:   kernel ahead on average), so 768 stays; 8192x28672 there 515.4 vs
+#:   569.0, 521.9 vs 585.4, 617.1 vs 652.7 (the kernel 1.06-1.12x).
 #: * H200 at commit c5e6e42 (wgmma128ws; the six shapes at M = 256 ... 8192
 #:   and the four larger ones at 576, 640, 704, on one machine; whole in
 #:   results/superseded/gemm-nvidia-h200-crossover-runs-c5e6e42.json) and
@@ -99,7 +108,7 @@ DENSE_FROM_TOKENS: int | None = 512
 #: The thresholds between the measured sizes (2^25 between 16.8M and 58.7M
 #: weights, 2^27 between 67M and 235M) are a choice, not a measurement.
 DENSE_CROSSOVER: dict[str, tuple[tuple[int, int], ...]] = {
-    "NVIDIA H100 80GB HBM3": ((0, 384), (1 << 25, 768), (1 << 27, 1152)),
+    "NVIDIA H100 80GB HBM3": ((0, 384), (1 << 25, 768), (1 << 27, 1025)),
     "NVIDIA H200": ((0, 384), (1 << 25, 513)),
 }
 
