@@ -13,7 +13,7 @@
 // sm_count >= 1 is correct, the device's own is fastest; 0 = use the device's).
 //
 // Graph-safe (no host synchronization, no allocation, only stream-ordered
-// work: cudaMemsetAsync + one kernel), hence CmdBufferCompatible.
+// work: the GEMM kernel and at most one more), hence CmdBufferCompatible.
 #include <cuda_runtime.h>
 
 #include <cstdint>

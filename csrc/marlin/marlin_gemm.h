@@ -72,7 +72,7 @@ struct MarlinGemmArgs {
 };
 
 // Enqueue the GEMM on `stream` (asynchronous; no host synchronization, no
-// allocation): the GEMM kernel, after a cudaMemsetAsync of the arrival
+// allocation): the GEMM kernel, after a small kernel that zeroes the arrival
 // counters (split-K with SplitReduce::kLastCta) or followed by the reduction
 // kernel (split-K with SplitReduce::kPass), or alone, launched in clusters
 // (a cluster plan of SplitReduce::kCluster: MarlinClusterCapacity decides).

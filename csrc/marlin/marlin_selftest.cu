@@ -546,6 +546,6 @@ int main(int argc, char** argv) {
   std::printf("\n%s: %d / %d cases passed\n", failures ? "FAIL" : "PASS", cases - failures, cases);
   if (opt.timing)
     std::printf("(GB/s = prepared weight bytes / kernel time; %%copy = that / device copy bandwidth;\n"
-                " time includes the counter memset or the reduction pass when the plan splits K)\n");
+                " time includes the counter-zeroing kernel or the reduction pass when the plan splits K)\n");
   return failures ? 1 : 0;
 }

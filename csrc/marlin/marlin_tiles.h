@@ -22,7 +22,7 @@ enum class MmaPath {
 // How a split-K column (one cut by a stripe boundary) is summed.
 enum class SplitReduce {
   kLastCta,  // in the GEMM kernel: the CTA that arrives last sums every partial
-             // (arrival counters, zeroed by a memset before the launch)
+             // (arrival counters, zeroed by a small kernel before the launch)
   kPass,     // a second kernel right after the GEMM, one block per slice of
              // each split column (no counters)
   kCluster,  // (sm_90) where every column's cluster runs at once and they
