@@ -30,9 +30,9 @@ constexpr int kMaxDevices = 64;
 
 // Zeroes a split-K plan's per-column arrival counters right before the GEMM
 // kernel, on its stream. A kernel, not cudaMemsetAsync: in XLA's CUDA graphs
-// a memset node left the GPU idle ~1.4 us before it and ~2.0 us after it
-// (medians over the 768 Marlin calls of a 16-layer decode trace on an H100,
-// NOTES.md section 4), a kernel node ~0.3 us.
+// a memset node left the GPU idle ~1.3 us before it and ~2.0 us after it, a
+// kernel node ~0.1 us (medians over the 768 Marlin calls of a 16-layer decode
+// trace on an H100; benchmarks/results/ab/decode-counter-zeroing-*.json).
 constexpr int kZeroThreads = 256;
 __global__ void __launch_bounds__(kZeroThreads) MarlinZeroCountersKernel(int* counters, int count) {
   const int i = blockIdx.x * kZeroThreads + threadIdx.x;
