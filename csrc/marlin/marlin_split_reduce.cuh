@@ -21,22 +21,6 @@
 namespace jax_mxfp4 {
 namespace marlin {
 
-// The loaders' activation source for column `col` (its m chunk) from k tile
-// `kt`, for a thread whose first A chunk is row a_row0 of the chunk, 16-byte
-// column a_ch of the k tile: that chunk's address, and in `rows_left` the
-// rows of A at or below a_row0 in the chunk (<= 0: none to copy).
-template <int kCfg, typename T>
-__device__ __forceinline__ const T* ActivationSource(const KernelParams& p, int col, int kt, int a_row0, int a_ch,
-                                                     int& rows_left) {
-  using G = Geometry<kCfg>;
-  const int n_idx = col / p.m_chunks, m_chunk = col - n_idx * p.m_chunks;
-  const int row = m_chunk * G::kTileM + a_row0;
-  const int kb0 = kt * G::kKbTile;
-  rows_left = p.m - row;
-  const int64_t k_elems = static_cast<int64_t>(p.kb_count) * kBlockK;
-  return static_cast<const T*>(p.a) + static_cast<int64_t>(row) * k_elems + 8 * a_ch + kb0 * kBlockK;
-}
-
 // The CTAs whose stripes touch column `col`: first..last (split iff first != last).
 struct ColumnCtas {
   int first, last;
